@@ -1,0 +1,21 @@
+"""atst-features: exact, fast embeddings from the ATST audio transformers (ATST-Clip, ATST-Frame, ATST-C2F)."""
+
+from .audio import load_audio
+from .embed import ATSTModel, FrameEmbeddings, embed_clip, embed_frames
+from .model import ATSTConfig, ATSTEncoder
+from .weights import convert_checkpoint, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATSTConfig",
+    "ATSTEncoder",
+    "ATSTModel",
+    "FrameEmbeddings",
+    "convert_checkpoint",
+    "embed_clip",
+    "embed_frames",
+    "load",
+    "load_audio",
+    "__version__",
+]

@@ -1,0 +1,247 @@
+"""The ATST encoder: one readable file for ATST-Clip and ATST-Frame.
+
+Both families are the same pre-norm ViT over 64 x 4 (mel bins x frames) patches of a log-mel:
+
+    mel (B, 64, T) -> patches (B, P, 256) -> Linear -> + pos_embed -> 12 x Block -> norm
+
+ATST-Clip prepends a [CLS] token and adds positional rows 0..P; ATST-Frame has no [CLS] and adds
+rows 1..P (row 0 is never used). Every block's output, passed through the final norm, is a feature.
+Padded tokens are hidden from attention by adding ``MASK_BIAS`` to their logits, as the official
+code does, so a padded batch gives each item the same result as running it alone.
+
+Parameter names follow the official ones, except ``patch_embed`` (a plain Linear) and ``norm``
+(``norm_frame`` in ATST-Frame); ``convert.py`` maps official checkpoints onto these names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+MASK_BIAS = -10000.0  # added to the attention logits of padded keys (the official value, not -inf)
+
+Family = Literal["clip", "frame"]
+
+
+@dataclass(frozen=True)
+class ATSTConfig:
+    """Architecture of an ATST encoder; saved as ``config.json`` beside the weights.
+
+    ``spec_w`` (mel frames the positional table was built for) sets the longest chunk the
+    encoder takes: ``spec_w // patch_w`` tokens (250 for 1001 frames = 10.01 s).
+    ``clip_chunk_frames`` is the chunk length of the clip-level pooling: 1001 for ATST-Frame,
+    601 (6 s crops) for ATST-Clip.
+    """
+
+    family: Family
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    layernorm_eps: float = 1e-6
+    n_mels: int = 64
+    patch_h: int = 64
+    patch_w: int = 4
+    spec_w: int = 1001
+    clip_chunk_frames: int | None = None
+    drop_path_rate: float = 0.0  # training only
+
+    def __post_init__(self) -> None:
+        if self.family not in ("clip", "frame"):
+            raise ValueError(f"family must be 'clip' or 'frame', got {self.family!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.n_mels != self.patch_h:
+            raise ValueError(f"patches must span all mel bins (patch_h == n_mels), got {self.patch_h} and {self.n_mels}")
+        if self.clip_chunk_frames is None:
+            object.__setattr__(self, "clip_chunk_frames", 601 if self.family == "clip" else self.spec_w)
+        if not 0 < self.clip_chunk_frames <= self.spec_w:
+            raise ValueError(f"clip_chunk_frames must be in 1..{self.spec_w}, got {self.clip_chunk_frames}")
+
+    @property
+    def max_tokens(self) -> int:
+        """Patch tokens one forward pass takes (the positional table's length minus one)."""
+        return self.spec_w // self.patch_w
+
+    @property
+    def has_cls(self) -> bool:
+        return self.family == "clip"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ATSTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path) -> "ATSTConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose statistics are computed in float32 whatever the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).type_as(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the residual branch per sample during training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape  # (B, N, D)
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, d_h) each
+        # Scale head_dim ** -0.5 (SDPA's default); `bias` is (B, 1, 1, N) with MASK_BIAS on padded keys.
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, N, d_h)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ATSTConfig, drop_path: float):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps)
+        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias)
+        self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps)
+        self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), bias))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ATSTEncoder(nn.Module):
+    """ATST-Clip / ATST-Frame encoder.
+
+    ``forward(mel, n_frames)`` returns the final-normed output of the selected blocks, which is
+    what every official embedding is made of.
+    """
+
+    def __init__(self, cfg: ATSTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.patch_embed = nn.Linear(cfg.patch_h * cfg.patch_w, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.max_tokens + 1, d))
+        self.mask_embed = nn.Parameter(torch.zeros(1, 1, d))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.has_cls else None
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.norm = LayerNorm(d, eps=cfg.layernorm_eps)
+        self.gradient_checkpointing = False
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Training initialisation: truncated normal (std 0.02) weights and tokens, zero biases."""
+        for p in (self.pos_embed, self.mask_embed, self.cls_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def patchify(self, mel: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, T) -> (B, T // patch_w, patch_h * patch_w), feature index = bin * patch_w + frame."""
+        b, h, t = mel.shape
+        p = t // self.cfg.patch_w
+        x = mel[:, :, : p * self.cfg.patch_w].reshape(b, h, p, self.cfg.patch_w)  # (B, 64, P, 4)
+        return x.permute(0, 2, 1, 3).reshape(b, p, h * self.cfg.patch_w)  # (B, P, 256)
+
+    def embed_tokens(self, mel: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens with positions, [CLS] first for ATST-Clip: (B, P [+1], D).
+
+        ``token_mask`` (B, P) bool marks patches replaced by ``mask_embed`` (masked pretraining).
+        """
+        x = self.patch_embed(self.patchify(mel).to(self.patch_embed.weight.dtype))  # (B, P, D)
+        p = x.shape[1]
+        if p > self.cfg.max_tokens:
+            raise ValueError(f"a chunk has {p} tokens; this encoder takes at most {self.cfg.max_tokens}")
+        if token_mask is not None:
+            x = torch.where(token_mask[..., None], self.mask_embed.to(x.dtype), x)
+        x = x + self.pos_embed[:, 1 : p + 1]
+        if self.cls_token is not None:
+            cls = self.cls_token + self.pos_embed[:, :1]  # (1, 1, D)
+            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + P, D)
+        return x
+
+    def forward(
+        self,
+        mel: torch.Tensor,
+        n_tokens: torch.Tensor | None = None,
+        blocks: list[int] | None = None,
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Normed outputs of the selected blocks.
+
+        Args:
+            mel: (B, n_mels, T) normalised log-mel, T <= spec_w.
+            n_tokens: (B,) valid patch tokens per item (``frames // patch_w``); ``None`` = all.
+            blocks: 0-based block indices to return, in this order; ``None`` = the last block.
+            token_mask: (B, P) bool, patches to replace by ``mask_embed`` (training).
+
+        Returns:
+            (B, len(blocks), N, D) with N = P (+1 for the [CLS] token of ATST-Clip, at index 0).
+        """
+        blocks = [self.cfg.depth - 1] if blocks is None else blocks
+        x = self.embed_tokens(mel, token_mask)  # (B, N, D)
+        bias = None
+        if n_tokens is not None:
+            keys = n_tokens.to(x.device) + int(self.cls_token is not None)  # (B,)
+            pad = torch.arange(x.shape[1], device=x.device)[None, :] >= keys[:, None]  # (B, N)
+            if bool(pad.any()):
+                bias = torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(pad, MASK_BIAS)
+                bias = bias[:, None, None, :]  # (B, 1, 1, N)
+        if not blocks or min(blocks) < 0 or max(blocks) >= self.cfg.depth:
+            raise ValueError(f"blocks must be 0-based indices below {self.cfg.depth}, got {blocks}")
+        normed: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks[: max(blocks) + 1]):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, bias, use_reentrant=False)
+            else:
+                x = block(x, bias)
+            if i in blocks:
+                normed[i] = self.norm(x)
+        return torch.stack([normed[b] for b in blocks], dim=1)  # (B, L, N, D)
