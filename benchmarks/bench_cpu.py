@@ -34,7 +34,7 @@ def eager_frames(sd: dict[str, torch.Tensor], cfg: ATSTConfig, wavs: torch.Tenso
     x = x @ sd["patch_embed.weight"].T + sd["patch_embed.bias"]
     x = x + sd["pos_embed"][:, 1 : x.shape[1] + 1]
     n = x.shape[1]
-    mask = torch.zeros(b, 1, 1, n)  # every key valid: the additive mask is all zeros
+    mask = torch.zeros(b, 1, 1, n, device=x.device)  # every key valid: the additive mask is all zeros
     heads, d = cfg.num_heads, cfg.embed_dim
     outs = []
     for i in range(cfg.depth):

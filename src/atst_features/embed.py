@@ -268,13 +268,17 @@ class ATSTModel:
                 mel[j, :, : c.frames] = mels[c.item][:, c.start : c.start + c.frames]
             n_tokens = torch.tensor([c.tokens for c in group], device=self.device)
             out = self.encoder(mel, n_tokens, blocks).float()  # (b, L, N, D)
+            patches = out[:, :, skip:]  # (b, L, P, D)
+            valid = torch.arange(patches.shape[2], device=out.device)[None, :] < n_tokens[:, None]  # (b, P)
+            sums = (patches * valid[:, None, :, None]).sum(dim=2).cpu()  # (b, L, D): one copy per batch
+            cls = out[:, :, 0].cpu() if skip else None
+            tokens = patches.cpu() if keep_tokens else None
             for j, c in enumerate(group):
-                tokens = out[j, :, skip : skip + c.tokens]  # (L, tokens, D)
-                r = {"sum": tokens.sum(dim=1).cpu()}
-                if skip:
-                    r["cls"] = out[j, :, 0].cpu()
-                if keep_tokens:
-                    r["tokens"] = tokens.cpu()
+                r = {"sum": sums[j]}
+                if cls is not None:
+                    r["cls"] = cls[j]
+                if tokens is not None:
+                    r["tokens"] = tokens[j, :, : c.tokens]  # (L, tokens, D)
                 results[(c.item, c.index)] = r
         return [[results[(c.item, c.index)] for c in item] for item in plan]
 
