@@ -3,7 +3,7 @@
 from .audio import load_audio
 from .embed import ATSTModel, FrameEmbeddings, embed_clip, embed_frames
 from .model import ATSTConfig, ATSTEncoder
-from .weights import convert_checkpoint, load
+from .weights import convert_checkpoint, download, list_models, load
 
 __version__ = "0.1.0"
 
@@ -13,8 +13,10 @@ __all__ = [
     "ATSTModel",
     "FrameEmbeddings",
     "convert_checkpoint",
+    "download",
     "embed_clip",
     "embed_frames",
+    "list_models",
     "load",
     "load_audio",
     "__version__",

@@ -191,14 +191,26 @@ class ATSTModel:
         return _regroup(clips, layout, is_list, torch.stack)
 
     def embed_frames(
-        self, audio: AudioInput | list, sample_rate: float | None = None, *, layers: Layers = "all", batch_size: int = 16
+        self,
+        audio: AudioInput | list,
+        sample_rate: float | None = None,
+        *,
+        layers: Layers = "all",
+        batch_size: int = 16,
+        hop_s: float | None = None,
     ):
         """One embedding per 40 ms token, with timestamps in seconds.
 
         Long audio is cut into 10.01 s chunks (1001 mel frames), each encoded alone, and the
         chunks' frames concatenated: T' = sum over chunks of floor(chunk frames / 4).
 
-        Args: as ``embed_clip``.
+        Args: as ``embed_clip``, plus
+            hop_s: ``None`` (default): the official non-overlapping chunks above. A number of
+                seconds: overlapping 10 s windows (250 tokens) that start every ``hop_s`` seconds
+                (rounded to whole 40 ms tokens, at most 10 s), the last one ending at the clip's
+                end; each token is taken from the window where it lies farthest from a window
+                edge, so chunk seams disappear. Then T' = mel frames // 4, on one 40 ms grid
+                (token j at j * 0.04 s). Audio of at most 10.01 s gives the same result either way.
 
         Returns:
             ``FrameEmbeddings`` with embeddings (T', L * D) float32 and timestamps (T',) seconds;
@@ -206,12 +218,25 @@ class ATSTModel:
         """
         wavs, layout, is_list = _flatten_inputs(audio, sample_rate)
         blocks = resolve_layers(layers, self.config.depth)
-        _, frames = self._embed(wavs, blocks, want_clip=False, want_frames=True, batch_size=batch_size)
+        if hop_s is None:
+            _, frames = self._embed(wavs, blocks, want_clip=False, want_frames=True, batch_size=batch_size)
+        else:
+            frames = self._overlapping_frames(wavs, blocks, hop_s, batch_size)
 
         def stack(items: list[FrameEmbeddings]) -> FrameEmbeddings:
             return FrameEmbeddings(torch.stack([f.embeddings for f in items]), items[0].timestamps)
 
         return _regroup(frames, layout, is_list, stack)
+
+    def tag(self, audio: AudioInput | list, sample_rate: float | None = None, *, batch_size: int = 16):
+        """Class probabilities from the checkpoint's classification head (``heads.tag``).
+
+        Returns ``heads.Tags``: scores (C,) for a clip-level head, or (T', C) with timestamps (T',)
+        seconds for a frame-level head; labels when the checkpoint's class names are known.
+        """
+        from .heads import tag
+
+        return tag(self, audio, sample_rate, batch_size=batch_size)
 
     # ---------------------------------------------------------------- internals
 
@@ -294,6 +319,34 @@ class ATSTModel:
         )  # first mel frame of each token
         return FrameEmbeddings(emb, starts * frontend.HOP_LENGTH / frontend.SAMPLE_RATE)
 
+    def _overlapping_frames(self, wavs: list[torch.Tensor], blocks: list[int], hop_s, batch_size: int) -> list[FrameEmbeddings]:
+        """``embed_frames(hop_s=...)``: overlapping windows on one token grid (``pooling.frame_windows``)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        cfg = self.config
+        token_s = cfg.patch_w * frontend.HOP_LENGTH / frontend.SAMPLE_RATE
+        window = cfg.spec_w // cfg.patch_w
+        valid = isinstance(hop_s, (int, float, np.integer, np.floating)) and not isinstance(hop_s, bool)
+        hop_tokens = round(float(hop_s) / token_s) if valid and np.isfinite(hop_s) else 0
+        if not 1 <= hop_tokens <= window:
+            raise ValueError(
+                f"hop_s must be a number of seconds between {token_s:g} and {window * token_s:g} (one token to one "
+                f"window), or None for the official non-overlapping chunks; got {hop_s!r}"
+            )
+        mels, n_frames = self._log_mels(wavs, batch_size)
+        plan = [pooling.frame_windows(i, n, cfg.spec_w, cfg.patch_w, hop_tokens) for i, n in enumerate(n_frames)]
+        outs = self._encode(mels, plan, blocks, batch_size, keep_tokens=True)
+        frames = []
+        for windows, out, n in zip(plan, outs, n_frames):
+            n_tokens = n // cfg.patch_w
+            which, offset = pooling.central_window(windows, n_tokens, cfg.patch_w)
+            first = torch.tensor([0] + [w.tokens for w in windows[:-1]]).cumsum(0)  # (K,) start in the concatenation
+            tokens = torch.cat([o["tokens"] for o in out], dim=1)[:, first[which] + offset]  # (L, T', D)
+            emb = tokens.permute(1, 0, 2).reshape(n_tokens, -1)  # (T', L * D), block-major features
+            starts = cfg.patch_w * torch.arange(n_tokens, dtype=torch.float64)  # first mel frame of each token
+            frames.append(FrameEmbeddings(emb, starts * frontend.HOP_LENGTH / frontend.SAMPLE_RATE))
+        return frames
+
 
 @lru_cache(maxsize=4)
 def _cached_model(source: str, device: str) -> ATSTModel:
@@ -330,7 +383,10 @@ def embed_frames(
     device: str | None = None,
     layers: Layers = "all",
     batch_size: int = 16,
+    hop_s: float | None = None,
 ):
     """``ATSTModel.embed_frames`` with ``model`` (a name, directory or file, loaded once and cached; default
     ``"atst-frame-base"``) on ``device`` (default CPU). Arguments and returns as ``ATSTModel.embed_frames``."""
-    return _model_for(model, device).embed_frames(audio, sample_rate, layers=layers, batch_size=batch_size)
+    return _model_for(model, device).embed_frames(
+        audio, sample_rate, layers=layers, batch_size=batch_size, hop_s=hop_s
+    )

@@ -83,3 +83,41 @@ def clip_clip_vector(cls: list[torch.Tensor], token_sums: list[torch.Tensor], ch
     cls_mean = torch.stack(cls).mean(dim=0)  # (L, D)
     avg_mean = torch.stack([token_mean(s, c) for s, c in zip(token_sums, chunks)]).mean(dim=0)  # (L, D)
     return torch.cat([cls_mean.flatten(), avg_mean.flatten()])
+
+
+# ---------------------------------------------------------------------------- overlapping frame windows
+# Not an official rule: an option of ``embed_frames(hop_s=...)`` for long audio. Windows of the
+# encoder's full length (250 tokens) start every ``hop_tokens`` tokens on one token grid (token j
+# = mel frames 4j..4j+3 of the whole clip), the last one aligned to the clip's end; each token is
+# then taken from the window where it lies farthest from a cut (a window edge inside the clip).
+
+
+def frame_windows(item: int, n_frames: int, window_frames: int, patch_w: int, hop_tokens: int) -> list[Chunk]:
+    """Overlapping ATST-Frame windows of an item of ``n_frames`` mel frames, ``hop_tokens`` tokens apart.
+
+    A clip of at most one window (``window_frames // patch_w`` tokens) gets the single chunk
+    ``frame_chunks`` gives it, so the result equals the default chunking there.
+    """
+    n_tokens, window = n_frames // patch_w, window_frames // patch_w
+    if n_tokens <= window:
+        return [Chunk(item, 0, 0, min(n_frames, window_frames), n_tokens, n_tokens)]
+    starts = list(range(0, n_tokens - window, hop_tokens)) + [n_tokens - window]  # in tokens
+    return [Chunk(item, k, s * patch_w, window * patch_w, window, window) for k, s in enumerate(starts)]
+
+
+def central_window(windows: list[Chunk], n_tokens: int, patch_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the clip's ``n_tokens`` tokens: the window it is taken from and its index there.
+
+    The chosen window is the one where the token is farthest from a cut (a window edge that is
+    not the clip's start or end); ties go to the earlier window. Returns two (n_tokens,) int64 tensors.
+    """
+    j = torch.arange(n_tokens)[:, None]  # (T, 1)
+    start = torch.tensor([w.start // patch_w for w in windows])[None, :]  # (1, K) in tokens
+    stop = start + torch.tensor([w.tokens for w in windows])[None, :]
+    inside = (j >= start) & (j < stop)  # (T, K)
+    big = n_tokens + 1  # a clip edge is no cut
+    left = torch.where(start > 0, j - start, big)
+    right = torch.where(stop < n_tokens, stop - 1 - j, big)
+    margin = torch.where(inside, torch.minimum(left, right), -1)  # (T, K)
+    which = margin.argmax(dim=1)  # first maximum: the earlier window on ties
+    return which, j[:, 0] - start[0, which]
