@@ -179,7 +179,9 @@ def plot(path: str, clip: Clip, probs: np.ndarray, timestamps: np.ndarray, decod
 def main(argv: list[str] | None = None) -> float:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="ATST-Frame model: a name, converted directory or checkpoint file")
-    ap.add_argument("--random-tiny", action="store_true", help="use a random tiny encoder (the default without --model)")
+    ap.add_argument(
+        "--random-tiny", action="store_true", help="use a random tiny encoder (the default without --model)"
+    )
     ap.add_argument("--tiny", action="store_true", help="a reduced run (seconds), for CI")
     ap.add_argument("--head", choices=["bigru", "linear"], default="bigru")
     ap.add_argument("--layers", default="last", help='blocks to use: "last", "all" or a 0-based index')
@@ -197,7 +199,9 @@ def main(argv: list[str] | None = None) -> float:
 
     model = random_tiny_model(args.seed) if args.random_tiny or args.model is None else af.load(args.model)
     if model.config.family != "frame":
-        print(f"note: {model.name} is an ATST-{model.config.family.capitalize()} model; ATST-Frame is made for frame tasks")
+        print(
+            f"note: {model.name} is an ATST-{model.config.family.capitalize()} model; ATST-Frame is made for frame tasks"
+        )
     print(f"model: {model.name} (embed_dim {model.config.embed_dim}, depth {model.config.depth}), layers={layers}")
 
     rng = np.random.default_rng(args.seed)
@@ -206,8 +210,10 @@ def main(argv: list[str] | None = None) -> float:
     timestamps = frames[0].timestamps  # equal-length clips share one grid
     x = torch.stack([f.embeddings for f in frames])  # (B, T, D)
     y = torch.stack([events_to_frame_targets(c.events, timestamps, CLASSES) for c in clips])  # (B, T, C)
-    print(f"data: {len(clips)} clips of {seconds:g} s, {sum(len(c.events) for c in clips)} events, "
-          f"frames {tuple(x.shape)} ({time.perf_counter() - start:.1f} s)")
+    print(
+        f"data: {len(clips)} clips of {seconds:g} s, {sum(len(c.events) for c in clips)} events, "
+        f"frames {tuple(x.shape)} ({time.perf_counter() - start:.1f} s)"
+    )
 
     mean, std = x[:n_train].mean(dim=(0, 1)), x[:n_train].std(dim=(0, 1)) + 1e-5
     x = (x - mean) / std
@@ -225,10 +231,13 @@ def main(argv: list[str] | None = None) -> float:
     frame_acc = ((probs >= args.threshold) == y[n_train:].numpy().astype(bool)).mean()
     print(f"frame accuracy: {frame_acc:.3f} (test, {FRAME_S * 1000:.0f} ms frames)")
     print("per-class event F1: " + ", ".join(f"{c} {v:.3f}" for c, v in scores.per_class_f1.items()))
-    print(f"event-based F1: {scores.f1:.3f} (micro; precision {scores.precision:.3f}, recall {scores.recall:.3f}, "
-          f"{scores.n_ref} reference events in {len(test)} test clips)")
+    print(
+        f"event-based F1: {scores.f1:.3f} (micro; precision {scores.precision:.3f}, recall {scores.recall:.3f}, "
+        f"{scores.n_ref} reference events in {len(test)} test clips)"
+    )
     if args.plot:
-        plot(args.plot, test[0], probs[0], timestamps.numpy(), decoded[0], args.threshold)
+        i = max(range(len(test)), key=lambda k: (len({e[0] for e in test[k].events}), len(test[k].events)))
+        plot(args.plot, test[i], probs[i], timestamps.numpy(), decoded[i], args.threshold)  # the busiest test clip
         print(f"plot: {args.plot}")
     print(f"total time: {time.perf_counter() - start:.1f} s")
     return scores.f1

@@ -42,6 +42,15 @@ def test_eval_output_equals_embed_frames(frame_model, layers):
         assert torch.equal(backbone.timestamps(int(lengths[i])), ref.timestamps)
 
 
+def test_atst_clip_tokens_equal_embed_frames(clip_model):
+    x, lengths, wavs = waveforms([11.0, 2.0], seed=4)
+    with torch.no_grad():
+        emb, mask = FrameBackbone(clip_model).eval()(x, lengths)
+    for i, ref in enumerate(clip_model.embed_frames(wavs, 16000, layers="last")):
+        assert mask[i].sum() == len(ref)
+        assert torch.allclose(emb[i, : len(ref)], ref.embeddings, atol=1e-5)
+
+
 def test_lengths_default_to_the_full_width(frame_model):
     x, _, _ = waveforms([2.0, 2.0])
     backbone = FrameBackbone(frame_model).eval()
@@ -69,7 +78,7 @@ def test_padding_gets_no_gradient():
     backbone = FrameBackbone(tiny_encoder()).train()
     x, lengths, _ = waveforms([1.0, 3.0], seed=2)
     x.requires_grad_(True)
-    emb, mask = backbone(x, lengths)
+    emb, _ = backbone(x, lengths)
     emb[0].sum().backward()
     assert x.grad[1].abs().max() == 0 and x.grad[0].abs().max() > 0
 
@@ -79,8 +88,11 @@ def test_freeze_and_unfreeze_last():
     backbone = FrameBackbone(tiny_encoder(depth))
 
     def trainable() -> set[str]:
-        return {n.split(".")[1] + ("." + n.split(".")[2] if n.startswith("encoder.blocks") else "")
-                for n, p in backbone.named_parameters() if p.requires_grad}
+        return {
+            n.split(".")[1] + ("." + n.split(".")[2] if n.startswith("encoder.blocks") else "")
+            for n, p in backbone.named_parameters()
+            if p.requires_grad
+        }
 
     assert backbone.freeze() is backbone and trainable() == set()
     x, lengths, _ = waveforms([1.0])

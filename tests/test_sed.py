@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import atst_features as af
 from atst_features import frontend, pooling
 from atst_features.sed import (
     FRAME_S,
@@ -20,7 +19,7 @@ CLASSES = ["alarm", "dog", "speech"]
 
 
 def uniform_grid(seconds: float) -> np.ndarray:
-    return np.arange(int(round(seconds / FRAME_S))) * FRAME_S
+    return np.arange(round(seconds / FRAME_S)) * FRAME_S
 
 
 def chunked_grid(n_frames: int) -> torch.Tensor:
@@ -61,7 +60,9 @@ def test_short_event_marks_the_frame_it_overlaps_most():
 
 def test_overlapping_events_are_ored_and_outside_parts_ignored():
     t = uniform_grid(2.0)
-    y = events_to_frame_targets([("dog", 0.2, 0.6), ("dog", 0.4, 1.0), ("dog", 1.9, 5.0), ("dog", 7.0, 8.0)], t, CLASSES)
+    y = events_to_frame_targets(
+        [("dog", 0.2, 0.6), ("dog", 0.4, 1.0), ("dog", 1.9, 5.0), ("dog", 7.0, 8.0)], t, CLASSES
+    )
     assert torch.nonzero(y[:, 1])[:, 0].tolist() == list(range(5, 25)) + [47, 48, 49]  # 1.88-1.92 is half in
 
 
@@ -263,7 +264,7 @@ def test_overlapping_windows_on_long_audio(frame_model):
     assert torch.equal(over.embeddings[:125], default.embeddings[:125])
     windows = pooling.frame_windows(0, 2501, 1001, 4, 125)
     assert [w.start // 4 for w in windows] == [0, 125, 250, 375]
-    which, offset = pooling.central_window(windows, 625, 4)
+    which, _ = pooling.central_window(windows, 625, 4)
     assert which[[0, 187, 188, 312, 313, 437, 438, 624]].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     # tokens 313..437 come from the third window (mel frames 1000..1999), encoded alone: check that
     mel, _ = frontend.log_mel(torch.from_numpy(x)[None])

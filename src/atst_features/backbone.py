@@ -35,7 +35,8 @@ class FrameBackbone(nn.Module):
     """Padded waveforms (B, N) + lengths (B,) -> frame embeddings (B, T', L * D) + validity mask (B, T').
 
     Args:
-        model: an ``ATSTModel`` (e.g. from ``atst_features.load``) or an ``ATSTEncoder``.
+        model: an ``ATSTModel`` (e.g. from ``atst_features.load``) or an ``ATSTEncoder``; made
+            for ATST-Frame, an ATST-Clip encoder also works (its [CLS] output is dropped).
         layers: blocks whose normed outputs are concatenated along features, as in
             ``embed_frames``: "last" (default, what frame-level fine-tuning uses), "all", a
             0-based index or a list of indices.
@@ -57,7 +58,9 @@ class FrameBackbone(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
-    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Frame embeddings with gradients.
 
         Args:
@@ -86,8 +89,8 @@ class FrameBackbone(nn.Module):
             width = max(c.frames for c in chunks)
             start = index * cfg.spec_w
             tokens = torch.tensor([c.tokens for c in chunks], device=device)
-            out = self.encoder(mel[items, :, start : start + width], tokens, self.blocks)  # (b, L, P, D)
-            out = out.permute(0, 2, 1, 3).flatten(2)  # (b, P, L * D), block-major features
+            out = self.encoder(mel[items, :, start : start + width], tokens, self.blocks)  # (b, L, [1 +] P, D)
+            out = out[:, :, int(cfg.has_cls) :].permute(0, 2, 1, 3).flatten(2)  # (b, P, L * D), no [CLS]
             piece = out.new_zeros(batch, out.shape[1], out.shape[2]).index_copy(0, items, out)  # (B, P, L * D)
             pieces.append(piece)
         emb = torch.cat(pieces, dim=1)[:, : max(n_tokens)]  # (B, T', L * D)
@@ -111,12 +114,12 @@ class FrameBackbone(nn.Module):
         groups += [(f"block{i}", list(block.parameters())) for i, block in enumerate(enc.blocks)]
         return groups + [("norm", list(enc.norm.parameters()))]
 
-    def freeze(self) -> "FrameBackbone":
+    def freeze(self) -> FrameBackbone:
         """Stop gradients to every encoder parameter (a frozen feature extractor); returns self."""
         self.encoder.requires_grad_(False)
         return self
 
-    def unfreeze_last(self, n: int) -> "FrameBackbone":
+    def unfreeze_last(self, n: int) -> FrameBackbone:
         """Train only the final norm and the last ``n`` blocks; returns self.
 
         ``n`` = 0 trains the final norm alone; ``n`` = depth trains every block; ``n`` > depth also
@@ -132,7 +135,7 @@ class FrameBackbone(nn.Module):
                 p.requires_grad_(True)
         return self
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> "FrameBackbone":
+    def set_gradient_checkpointing(self, enabled: bool = True) -> FrameBackbone:
         """Recompute block activations in the backward pass (less memory, ~30% more time); returns self."""
         self.encoder.gradient_checkpointing = bool(enabled)
         return self

@@ -26,9 +26,9 @@ How it stays fast and safe:
   embeds windows of whole 1001-frame chunks, each computed from its samples plus the 512-sample
   STFT context. Memory stays bounded and the result equals the whole-file API.
 
-The mel of a window is computed here rather than by ``frontend.log_mel`` because ``log_mel``
-takes the 80 dB floor over the frames it is given, and a window is not the whole file; the
-arithmetic (STFT, filterbank, dB, floor, scaling) and every constant are the front end's.
+A window's mel is made from the front end's parts (``frontend.mel_db``, ``frontend.normalise``)
+rather than ``frontend.log_mel``, because ``log_mel`` takes the 80 dB floor over the frames it is
+given, and a window is not the whole file: the floor comes from the whole file's peak.
 """
 
 from __future__ import annotations
@@ -317,28 +317,6 @@ def _sample_range(first_frame: int, n_frames: int) -> tuple[int, int]:
     return first_frame * frontend.HOP_LENGTH - half, (first_frame + n_frames - 1) * frontend.HOP_LENGTH + half
 
 
-def _power_db(segments: torch.Tensor) -> torch.Tensor:
-    """(B, S) padded sample ranges -> (B, N_MELS, (S - N_FFT) // HOP_LENGTH + 1) mel power in dB, float32, no floor."""
-    spec = torch.stft(
-        segments.float(),
-        n_fft=frontend.N_FFT,
-        hop_length=frontend.HOP_LENGTH,
-        win_length=frontend.WIN_LENGTH,
-        window=torch.hann_window(frontend.WIN_LENGTH, periodic=True, device=segments.device),
-        center=False,
-        onesided=True,
-        return_complex=True,
-    )  # (B, F, T)
-    mel = torch.matmul(spec.abs().pow(2.0).transpose(1, 2), frontend.mel_filterbank(segments.device)).transpose(1, 2)
-    return 10.0 * torch.log10(torch.clamp(mel, min=frontend.AMIN))
-
-
-def _normalise(db: torch.Tensor, peak_db: torch.Tensor) -> torch.Tensor:
-    """dB (B, N_MELS, T) with each item's loudest-frame dB (B,) -> the front end's floored, min-max scaled mel."""
-    db = torch.maximum(db, peak_db[:, None, None] - frontend.TOP_DB)
-    return (db - frontend.DB_MIN) / (frontend.DB_MAX - frontend.DB_MIN) * 2.0 - 1.0
-
-
 def window_log_mel(segments: list[torch.Tensor], n_frames: list[int], peak_db: list[float | None]) -> list[torch.Tensor]:
     """Normalised log-mel of windows of files, equal to the matching frames of ``frontend.log_mel(whole file)``.
 
@@ -353,12 +331,10 @@ def window_log_mel(segments: list[torch.Tensor], n_frames: list[int], peak_db: l
         per window a (N_MELS, n_frames) float32 tensor.
     """
     batch = torch.nn.utils.rnn.pad_sequence(segments, batch_first=True)  # (B, S)
-    db = _power_db(batch)  # (B, M, T)
-    t = torch.arange(db.shape[-1], device=db.device)
-    valid = t[None, :] < torch.tensor(n_frames, device=db.device)[:, None]  # (B, T)
-    own = db.masked_fill(~valid[:, None, :], -math.inf).amax(dim=(1, 2))  # (B,)
+    db = frontend.mel_db(batch)  # (B, M, T)
+    own = frontend.peak_db(db, torch.tensor(n_frames))  # (B,)
     given = torch.tensor([math.nan if p is None else p for p in peak_db], dtype=torch.float32, device=db.device)
-    mel = _normalise(db, torch.where(torch.isnan(given), own, given))
+    mel = frontend.normalise(db, torch.where(torch.isnan(given), own, given))
     return [mel[i, :, :n] for i, n in enumerate(n_frames)]
 
 
@@ -485,7 +461,7 @@ def _stream_peak(path: Path, window_frames: int) -> tuple[int, float]:
         buf.append(block)
         while buf.end >= _sample_range(next_frame, window_frames)[1]:  # the window is inside the file
             seg = buf.take(_reflect_indices(*_sample_range(next_frame, window_frames), None))
-            peak = max(peak, float(_power_db(torch.from_numpy(seg)[None]).max()))
+            peak = max(peak, float(frontend.mel_db(torch.from_numpy(seg)[None]).max()))
             next_frame += window_frames
             buf.discard_before(_sample_range(next_frame, 1)[0])
     n_samples = buf.end
@@ -493,7 +469,7 @@ def _stream_peak(path: Path, window_frames: int) -> tuple[int, float]:
     while next_frame < n_mel:  # the file's tail, reflected at its end
         n = min(window_frames, n_mel - next_frame)
         seg = buf.take(_reflect_indices(*_sample_range(next_frame, n), n_samples))
-        peak = max(peak, float(_power_db(torch.from_numpy(seg)[None]).max()))
+        peak = max(peak, float(frontend.mel_db(torch.from_numpy(seg)[None]).max()))
         next_frame += n
     return n_samples, peak
 
@@ -1122,13 +1098,14 @@ def _metadata(settings: _Settings, hashed: str, source: str, stream_seconds: flo
         "clip_layers": list(settings.clip_layers),
         "frame_layers": list(settings.frame_layers),
         "compute_dtype": settings.compute_dtype,
+        "frames_dtype": settings.frames_dtype,
         "arrays": {
             "clip": "float32 (C,): the official clip embedding of clip_layers",
             "frames": f"{settings.frames_dtype} (T', len(frame_layers) * embed_dim), one row per 40 ms token",
             "timestamps": "float64 (T',) seconds, start of each token",
         },
         "input": source,
-        "long_files": f"longer than {stream_seconds:g} s: decoded in blocks (same result)",
+        "stream_seconds": stream_seconds,  # longer files were decoded in blocks (same result)
     }
 
 
@@ -1223,11 +1200,14 @@ def embed_folder(
     own_index = summary.index_path
     own_paths = _index_paths(own_index) if own_index.is_file() else set()
     old_own = {r: row for r, row in previous.items() if r in own_paths}  # kept if this run stops early
+    completed = False
     try:
-        with open(own_index, "a", encoding="utf-8") as log:
-            _run(work, embedder, out, key, summary, rows, log, workers, progress, stream_seconds, window_chunks)
+        if work:
+            with open(own_index, "a", encoding="utf-8") as log:
+                _run(work, embedder, out, key, summary, rows, log, workers, progress, stream_seconds, window_chunks)
+        completed = summary.aborted is None
     finally:
-        final = dict(rows) if summary.aborted is None else {**old_own, **rows}
+        final = dict(rows) if completed else {**old_own, **rows}  # rows of inputs that no longer exist go
         _write_atomic(own_index, "".join(json.dumps(final[r]) + "\n" for r in sorted(final)))
         summary.wall_seconds = time.perf_counter() - t0
     return summary

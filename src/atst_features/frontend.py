@@ -72,6 +72,38 @@ def _window(device: torch.device) -> torch.Tensor:
     return torch.hann_window(WIN_LENGTH, periodic=True, device=device)
 
 
+def mel_db(padded: torch.Tensor) -> torch.Tensor:
+    """Mel power in dB, before the floor: (B, S) already-padded samples -> (B, N_MELS, (S - N_FFT) // HOP_LENGTH + 1).
+
+    ``padded`` holds each frame's full window: a waveform reflect-padded by ``N_FFT // 2`` on each
+    side (what ``center=True`` does), or any run of samples around the wanted frame centres.
+    """
+    spec = torch.stft(
+        padded.float(),
+        n_fft=N_FFT,
+        hop_length=HOP_LENGTH,
+        win_length=WIN_LENGTH,
+        window=_window(padded.device),
+        center=False,
+        onesided=True,
+        return_complex=True,
+    )  # (B, F, T)
+    mel = torch.matmul(spec.abs().pow(2.0).transpose(1, 2), mel_filterbank(padded.device)).transpose(1, 2)
+    return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))  # (B, N_MELS, T)
+
+
+def normalise(db: torch.Tensor, peak_db: torch.Tensor) -> torch.Tensor:
+    """Floor at each item's peak - TOP_DB, then the official min-max scaling: (B, N_MELS, T) dB, (B,) peaks."""
+    db = torch.maximum(db, peak_db[:, None, None] - TOP_DB)
+    return (db - DB_MIN) / (DB_MAX - DB_MIN) * 2.0 - 1.0
+
+
+def peak_db(db: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
+    """Each item's loudest mel bin in dB over its first ``n_frames`` frames: (B, N_MELS, T), (B,) -> (B,)."""
+    valid = torch.arange(db.shape[-1], device=db.device)[None, :] < n_frames.to(db.device)[:, None]  # (B, T)
+    return db.masked_fill(~valid[:, None, :], -math.inf).amax(dim=(1, 2))
+
+
 def log_mel(waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised log-mel spectrograms of a batch of 16 kHz waveforms.
 
@@ -88,7 +120,6 @@ def log_mel(waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tup
         raise ValueError(f"log_mel takes a (batch, samples) tensor, got shape {tuple(waveforms.shape)}")
     waveforms = waveforms.float()
     batch, width = waveforms.shape
-    device = waveforms.device
     if lengths is None:
         lengths = torch.full((batch,), width, dtype=torch.long)
     lengths_list = [int(n) for n in lengths]
@@ -103,23 +134,8 @@ def log_mel(waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tup
         padded = waveforms.new_zeros(batch, width + 2 * pad)
         for i, n in enumerate(lengths_list):
             padded[i, : n + 2 * pad] = F.pad(waveforms[i : i + 1, None, :n], (pad, pad), mode="reflect")[0, 0]
-    spec = torch.stft(
-        padded,
-        n_fft=N_FFT,
-        hop_length=HOP_LENGTH,
-        win_length=WIN_LENGTH,
-        window=_window(device),
-        center=False,
-        onesided=True,
-        return_complex=True,
-    )  # (B, F, T)
-    power = spec.abs().pow(2.0)
-    mel = torch.matmul(power.transpose(1, 2), mel_filterbank(device)).transpose(1, 2)  # (B, N_MELS, T)
-    db = 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
-
-    n_frames = torch.tensor([num_frames(n) for n in lengths_list], dtype=torch.long, device=device)
-    valid = torch.arange(db.shape[-1], device=device)[None, :] < n_frames[:, None]  # (B, T)
-    peak = db.masked_fill(~valid[:, None, :], -math.inf).amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
-    db = torch.maximum(db, peak - TOP_DB)
-    out = (db - DB_MIN) / (DB_MAX - DB_MIN) * 2.0 - 1.0
-    return out.masked_fill(~valid[:, None, :], 0.0), n_frames.cpu()
+    db = mel_db(padded)  # (B, N_MELS, T)
+    n_frames = torch.tensor([num_frames(n) for n in lengths_list], dtype=torch.long)
+    out = normalise(db, peak_db(db, n_frames))
+    valid = torch.arange(db.shape[-1], device=db.device)[None, :] < n_frames.to(db.device)[:, None]  # (B, T)
+    return out.masked_fill(~valid[:, None, :], 0.0), n_frames

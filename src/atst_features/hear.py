@@ -22,7 +22,7 @@ from torch import nn
 from .embed import DEFAULT_MODEL, ATSTModel, Layers
 from .frontend import HOP_LENGTH, SAMPLE_RATE
 
-__all__ = ["HEARModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings"]
+__all__ = ["HEARModel", "get_scene_embeddings", "get_timestamp_embeddings", "load_model"]
 
 
 class HEARModel(nn.Module):

@@ -28,8 +28,8 @@ max(200 ms, 20 % of the event's length)).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,14 +37,14 @@ import torch.nn.functional as F
 
 from .frontend import HOP_LENGTH, SAMPLE_RATE
 
-TOKEN_FRAMES = 4  # mel frames per ATST token (the patch width)
+TOKEN_FRAMES = 4  # mel frames per ATST token: ATSTConfig.patch_w of every released model
 FRAME_S = TOKEN_FRAMES * HOP_LENGTH / SAMPLE_RATE  # 0.04 s: one ATST token
 TIME_EPS = 1e-9  # seconds; absorbs float rounding when comparing times
 TIME_DECIMALS = 6  # decoded event times are rounded to the microsecond
 
 Event = tuple[str, float, float]
-ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
-PerClass = Union[int, float, Sequence, Mapping]
+ArrayLike = torch.Tensor | np.ndarray | Sequence[float]
+PerClass = int | float | Sequence | Mapping
 
 
 # ---------------------------------------------------------------------------- checks
