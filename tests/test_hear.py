@@ -52,12 +52,12 @@ def test_embeddings_are_those_of_the_library(frame_hear, tiny_dirs):
 def test_timestamps_are_token_centres_in_milliseconds(frame_hear):
     _, ts = hear.get_timestamp_embeddings(sounds(2, 12.0), frame_hear)
     assert torch.equal(ts[0], ts[1])
-    assert ts[0, :3].tolist() == [20.0, 60.0, 100.0]  # token k covers [40k, 40k + 40) ms
-    assert ts[0, 249].item() == pytest.approx(9980.0)
-    assert ts[0, 250].item() == pytest.approx(10030.0)  # the second 10.01 s chunk starts 10010 ms in
+    assert ts[0, :3].tolist() == [15.0, 55.0, 95.0]  # token k: mel frames centred at 40k .. 40k + 30 ms
+    assert ts[0, 249].item() == pytest.approx(9975.0)
+    assert ts[0, 250].item() == pytest.approx(10025.0)  # the second 10.01 s chunk starts 10010 ms in
     over = hear.load_model(frame_hear.atst.name, hop_s=5.0)
     _, ts_over = hear.get_timestamp_embeddings(sounds(1, 12.0), over)
-    assert torch.allclose(ts_over[0], 20.0 + 40.0 * torch.arange(300, dtype=torch.float32))
+    assert torch.allclose(ts_over[0], 15.0 + 40.0 * torch.arange(300, dtype=torch.float32))
 
 
 def test_empty_path_loads_the_default_model(monkeypatch, tiny_dirs):

@@ -9,9 +9,10 @@
 Embeddings are those of ``ATSTModel.embed_clip`` / ``embed_frames`` with every block
 (``layers="all"``, the official choice): scene 12 * D for ATST-Frame (2 * 12 * D for ATST-Clip),
 timestamp 12 * D. The declared sizes are the real output sizes (the official module declares a
-scene size twice too large). Timestamps are the middle of each 40 ms token in milliseconds,
-t_k + 20 ms with t_k the token's start as in ``embed_frames``. Outputs are on the model's device
-(``model.to(device)`` moves it, as the HEAR harness does).
+scene size twice too large). Timestamps are the centre of each 40 ms token in milliseconds:
+the middle of its 4 mel-frame centres, t_k + 15 ms with t_k the token's start as in
+``embed_frames``. Outputs are on the model's device (``model.to(device)`` moves it, as the HEAR
+harness does).
 """
 
 from __future__ import annotations
@@ -107,13 +108,14 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel) -> tuple[tor
 
     Returns:
         embeddings: (n_sounds, n_timestamps, model.timestamp_embedding_size) float32.
-        timestamps: (n_sounds, n_timestamps) float32 milliseconds, the middle of each token.
+        timestamps: (n_sounds, n_timestamps) float32 milliseconds, the centre of each token.
         Both on the model's device.
     """
     _check(audio, model)
     frames = model.atst.embed_frames(audio, SAMPLE_RATE, layers=model.layers, hop_s=model.hop_s)
-    token_ms = 1000.0 * model.atst.config.patch_w * HOP_LENGTH / SAMPLE_RATE
-    centres = frames.timestamps * 1000.0 + token_ms / 2  # (T,) float64 ms
+    # A token's mel frames are centred at t_k, t_k + 10, ..., t_k + 30 ms: its centre is their middle.
+    centre_ms = 1000.0 * (model.atst.config.patch_w - 1) * HOP_LENGTH / SAMPLE_RATE / 2
+    centres = frames.timestamps * 1000.0 + centre_ms  # (T,) float64 ms
     timestamps = centres.float()[None, :].expand(audio.shape[0], -1).contiguous()
     device = model.atst.device
     return frames.embeddings.to(device), timestamps.to(device)

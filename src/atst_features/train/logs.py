@@ -57,7 +57,7 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ImportError(f"--tensorboard needs the tensorboard package: pip install tensorboard ({e})") from None
+            raise ImportError(f"--tensorboard needs the tensorboard package: pip install 'atst-features[train]' ({e})") from None
         self.writer = SummaryWriter(str(directory))
 
     def write(self, row: dict[str, float | int]) -> None:
