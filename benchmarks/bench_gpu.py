@@ -97,7 +97,6 @@ def main() -> None:
             mfu = s * flop / (args.peak_tflops * 1e12)
             print(f"{batch:>5} {name:<20} {s:9.0f} {mfu:6.1%} {s / speeds['eager-fp32']:8.2f}x")
         print(f"{batch:>5} bf16 min per-frame, per-block cosine to fp32: {cos:.5f}")
-        del wavs
         torch.cuda.empty_cache()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import atst_features as af
-from atst_features import frontend, pooling
+from atst_features import pooling
 from atst_features.model import ATSTConfig, ATSTEncoder
 from atst_features.weights import build
 

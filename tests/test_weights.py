@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from test_convert import (
     DATA,
     N_CLASSES,
