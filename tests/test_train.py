@@ -307,6 +307,8 @@ def test_frame_checkpoint_loads_for_inference(frame_run):
     assert frames.embeddings.shape == (len(frames), 2 * 32) and torch.isfinite(frames.embeddings).all()
     torch.testing.assert_close(direct.embed_frames(wav, 16000).embeddings, frames.embeddings)
     assert weights.read_checkpoint(frame_run / "checkpoints" / "step-00000004.pt")["format"] == checkpoint.FORMAT
+    from_ckpt = af.load(frame_run / "checkpoints" / "step-00000004.pt")  # the training checkpoint itself
+    torch.testing.assert_close(from_ckpt.embed_frames(wav, 16000).embeddings, frames.embeddings)
     assert json.loads((frame_run / "export" / "training.json").read_text())["step"] == 4
 
 
@@ -323,6 +325,12 @@ def test_gradient_checkpointing_changes_nothing(audio_dir, tmp_path):
         assert run("frame", "--data", str(audio_dir), "--out", str(out), *BYOL, "--max-steps", "1", *extra) == 0
         states.append(checkpoint.read(out / "checkpoints" / "step-00000001.pt")["modules"])
     assert_same(states[0], states[1])
+
+
+def test_tensorboard_events(audio_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    assert run("frame", "--data", str(audio_dir), "--out", str(tmp_path), *BYOL, "--max-steps", "1", "--tensorboard") == 0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_clip_pretraining(clip_run):
