@@ -126,3 +126,12 @@ def test_bfloat16_tracks_float32(family):
 def test_models_come_back_in_eval_mode(frame_model):
     assert not frame_model.encoder.training
     assert "family='frame'" in repr(frame_model)
+
+
+@pytest.mark.slow
+def test_compiled_encoder_matches_eager(frame_model, reference):
+    """``ATSTModel.compile()`` (torch.compile, dynamic shapes): same results on a padded batch."""
+    compiled = build(frame_model.config, frame_model.encoder.state_dict()).compile()
+    wavs = [reference["chirp_3s.wav"], reference["two_chunks_13.3s.wav"]]
+    for a, b in zip(compiled.embed_frames(wavs, SR, layers=[0, 11]), frame_model.embed_frames(wavs, SR, layers=[0, 11])):
+        assert torch.allclose(a.embeddings, b.embeddings, atol=1e-5)

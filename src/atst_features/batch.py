@@ -862,7 +862,8 @@ class _Engine:
         for j, (_, c, m) in enumerate(batch):
             mel[j, :, : c.frames] = m
         tokens = torch.tensor([c.tokens for _, c, _ in batch], device=device)
-        out = self.model.encoder(mel, tokens, blocks)  # (b, L, N, D)
+        padded = any(c.tokens < width // cfg.patch_w for _, c, _ in batch)
+        out = self.model.encode(mel, tokens if padded else None, blocks)  # (b, L, N, D)
         skip = int(cfg.has_cls)
         n = out.shape[2] - skip
         frames = sums = cls = None
@@ -1127,6 +1128,7 @@ def embed_folder(
     progress: bool = False,
     stream_seconds: float = 600.0,
     window_chunks: int = 30,
+    compile: bool = False,
 ) -> BatchSummary:
     """Embed every audio file of a folder, file or list into ``out`` (see the module docstring).
 
@@ -1147,6 +1149,8 @@ def embed_folder(
         progress: show a tqdm progress bar (stderr).
         stream_seconds: files longer than this are decoded in blocks, twice, in bounded memory.
         window_chunks: 1001-frame chunks per window of a streamed file.
+        compile: run the encoder through ``torch.compile`` (``ATSTModel.compile``); pays off on
+            long GPU runs.
 
     Returns:
         a ``BatchSummary``; ``summary.exit_status`` is non-zero when a file failed.
@@ -1166,6 +1170,8 @@ def embed_folder(
         from .weights import load
 
         model = load(model, device=device, dtype=compute_dtype("float32" if dtype is None else dtype))
+    if compile:
+        model.compile()
     device = model.device
     if batch_size is None:
         batch_size = 64 if device.type == "cuda" else 16
@@ -1372,6 +1378,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ... (default auto)")
     p.add_argument("--dtype", choices=list(_COMPUTE_DTYPES), help="encoder precision (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--what", default="clip,frames", help="clip, frames or clip,frames (default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (pays off on long GPU runs)")
     p.add_argument("--layers", type=_layers_arg, help="blocks for both clip and frames (all, last, or indices like 0,5,11)")
     p.add_argument("--clip-layers", type=_layers_arg, default="all", help="blocks of the clip vector (default all)")
     p.add_argument("--frame-layers", type=_layers_arg, default="last", help="blocks of the frame embeddings (default last)")
@@ -1408,6 +1415,7 @@ def _cli(args: argparse.Namespace) -> int:
             force=args.force,
             progress=not args.no_progress,
             stream_seconds=args.stream_seconds,
+            compile=args.compile,
         )
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"atst-features embed: {e}", file=sys.stderr)

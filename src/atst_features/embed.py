@@ -129,6 +129,25 @@ class ATSTModel:
         self.encoder = encoder.eval()
         self.name = name
         self.head = None  # a classification head, for fine-tuned checkpoints that have one
+        self._forward = self.encoder  # the encoder, or its torch.compile'd form after compile()
+
+    def compile(self, **kwargs) -> "ATSTModel":
+        """Run the encoder through ``torch.compile(encoder, dynamic=True, **kwargs)``; returns self.
+
+        The first calls compile (tens of seconds; again for new batch shapes); results equal the
+        eager encoder to float rounding. Worth it for long GPU jobs, not for a few clips.
+        """
+        kwargs.setdefault("dynamic", True)
+        self._forward = torch.compile(self.encoder, **kwargs)
+        return self
+
+    def encode(self, mel: torch.Tensor, n_tokens: torch.Tensor | None, blocks: list[int]) -> torch.Tensor:
+        """The encoder pass (compiled after ``compile()``): ``ATSTEncoder.forward``.
+
+        mel (B, n_mels, T <= spec_w) on the model's device; n_tokens (B,) valid tokens, or ``None``
+        when no item is padded (the fused-attention path); returns (B, len(blocks), N, D).
+        """
+        return self._forward(mel, n_tokens, blocks)
 
     @property
     def config(self) -> ATSTConfig:
@@ -292,7 +311,8 @@ class ATSTModel:
             for j, c in enumerate(group):
                 mel[j, :, : c.frames] = mels[c.item][:, c.start : c.start + c.frames]
             n_tokens = torch.tensor([c.tokens for c in group], device=self.device)
-            out = self.encoder(mel, n_tokens, blocks).float()  # (b, L, N, D)
+            padded = any(c.tokens < group[0].tokens for c in group)  # group[0] is the widest
+            out = self.encode(mel, n_tokens if padded else None, blocks).float()  # (b, L, N, D)
             patches = out[:, :, skip:]  # (b, L, P, D)
             valid = torch.arange(patches.shape[2], device=out.device)[None, :] < n_tokens[:, None]  # (b, P)
             sums = (patches * valid[:, None, :, None]).sum(dim=2).cpu()  # (b, L, D): one copy per batch

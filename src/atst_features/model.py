@@ -218,7 +218,8 @@ class ATSTEncoder(nn.Module):
 
         Args:
             mel: (B, n_mels, T) normalised log-mel, T <= spec_w.
-            n_tokens: (B,) valid patch tokens per item (``frames // patch_w``); ``None`` = all.
+            n_tokens: (B,) valid patch tokens per item (``frames // patch_w``); padded keys are
+                hidden from attention. ``None``: every token is valid (the fastest path).
             blocks: 0-based block indices to return, in this order; ``None`` = the last block.
             token_mask: (B, P) bool, patches to replace by ``mask_embed`` (training).
 
@@ -227,13 +228,12 @@ class ATSTEncoder(nn.Module):
         """
         blocks = [self.cfg.depth - 1] if blocks is None else blocks
         x = self.embed_tokens(mel, token_mask)  # (B, N, D)
-        bias = None
+        bias = None  # no padding: SDPA may use its fused kernels
         if n_tokens is not None:
             keys = n_tokens.to(x.device) + int(self.cls_token is not None)  # (B,)
             pad = torch.arange(x.shape[1], device=x.device)[None, :] >= keys[:, None]  # (B, N)
-            if bool(pad.any()):
-                bias = torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(pad, MASK_BIAS)
-                bias = bias[:, None, None, :]  # (B, 1, 1, N)
+            bias = torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(pad, MASK_BIAS)
+            bias = bias[:, None, None, :]  # (B, 1, 1, N)
         if not blocks or min(blocks) < 0 or max(blocks) >= self.cfg.depth:
             raise ValueError(f"blocks must be 0-based indices below {self.cfg.depth}, got {blocks}")
         normed: dict[int, torch.Tensor] = {}
