@@ -89,7 +89,8 @@ class FrameBackbone(nn.Module):
             width = max(c.frames for c in chunks)
             start = index * cfg.spec_w
             tokens = torch.tensor([c.tokens for c in chunks], device=device)
-            out = self.encoder(mel[items, :, start : start + width], tokens, self.blocks)  # (b, L, [1 +] P, D)
+            padded = any(c.tokens < width // cfg.patch_w for c in chunks)  # else SDPA's fused kernels apply
+            out = self.encoder(mel[items, :, start : start + width], tokens if padded else None, self.blocks)
             out = out[:, :, int(cfg.has_cls) :].permute(0, 2, 1, 3).flatten(2)  # (b, P, L * D), no [CLS]
             piece = out.new_zeros(batch, out.shape[1], out.shape[2]).index_copy(0, items, out)  # (B, P, L * D)
             pieces.append(piece)
