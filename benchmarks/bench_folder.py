@@ -27,6 +27,7 @@ import soundfile as sf
 import torch
 
 from atst_features import audio, batch, weights
+from atst_features.embed import resolve_dtype
 from atst_features.model import ATSTConfig, ATSTEncoder
 
 
@@ -44,7 +45,7 @@ def make_folder(root: Path, n_files: int, seconds: float, sample_rate: int, fmt:
 
 
 def load_model(args: argparse.Namespace):
-    dtype = batch.compute_dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype)
     if args.model:
         return weights.load(args.model, device=args.device, dtype=dtype)
     torch.manual_seed(0)

@@ -135,3 +135,16 @@ def test_compiled_encoder_matches_eager(frame_model, reference):
     wavs = [reference["chirp_3s.wav"], reference["two_chunks_13.3s.wav"]]
     for a, b in zip(compiled.embed_frames(wavs, SR, layers=[0, 11]), frame_model.embed_frames(wavs, SR, layers=[0, 11])):
         assert torch.allclose(a.embeddings, b.embeddings, atol=1e-5)
+
+
+def test_load_checks_device_and_dtype_first(tiny_dirs):
+    assert af.load(tiny_dirs["frame"], dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="not supported; use one of float32, bfloat16, float16"):
+        af.load(tiny_dirs["frame"], dtype="fp8")
+    with pytest.raises(ValueError, match="not a device"):
+        af.load(tiny_dirs["frame"], device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            af.load(tiny_dirs["frame"], device="cuda")
+    with pytest.raises(ValueError, match="dtype="):
+        tiny("frame").to(dtype=torch.int64)

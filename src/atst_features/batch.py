@@ -53,7 +53,7 @@ import soxr
 import torch
 
 from . import __version__, audio, frontend, pooling
-from .embed import DEFAULT_MODEL, ATSTModel, Layers, resolve_layers
+from .embed import COMPUTE_DTYPES, DEFAULT_MODEL, ATSTModel, Layers, resolve_dtype, resolve_layers
 
 PathLike = str | os.PathLike
 
@@ -72,7 +72,6 @@ FORMAT_VERSION = 1  # bump when the content of the .npz files changes
 
 STATUS_OK, STATUS_SKIPPED, STATUS_FAILED = "ok", "skipped", "failed"
 _STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _BLOCK_FRAMES = 1 << 18  # source frames per read when streaming a long file
 _GROUP_FILES = 8  # decoded files a worker sends at once (one transfer, one copy to the device)
@@ -958,11 +957,6 @@ def _check_dtype(name, table: dict, what: str) -> torch.dtype:
     raise ValueError(f"{what}={name!r} is not understood; use one of {', '.join(table)}")
 
 
-def compute_dtype(name: str | torch.dtype) -> torch.dtype:
-    """Encoder precision by name: "float32", "bfloat16" or "float16" (a torch dtype passes through)."""
-    return _check_dtype(name, _COMPUTE_DTYPES, "dtype")
-
-
 class Embedder:
     """Embeds decoded 16 kHz waveforms with the settings of a folder run, chunks of many inputs per batch.
 
@@ -1169,7 +1163,7 @@ def embed_folder(
     if not isinstance(model, ATSTModel):
         from .weights import load
 
-        model = load(model, device=device, dtype=compute_dtype("float32" if dtype is None else dtype))
+        model = load(model, device=device, dtype=resolve_dtype("float32" if dtype is None else dtype))
     if compile:
         model.compile()
     device = model.device
@@ -1376,7 +1370,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT", help="output folder")
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|DIR|FILE", help=f"model to load (default {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ... (default auto)")
-    p.add_argument("--dtype", choices=list(_COMPUTE_DTYPES), help="encoder precision (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", choices=list(COMPUTE_DTYPES), help="encoder precision (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--what", default="clip,frames", help="clip, frames or clip,frames (default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (pays off on long GPU runs)")
     p.add_argument("--layers", type=_layers_arg, help="blocks for both clip and frames (all, last, or indices like 0,5,11)")

@@ -23,6 +23,28 @@ DEFAULT_MODEL = "atst-frame-base"
 AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 Layers = Union[str, int, Sequence[int]]
 
+#: Encoder precisions, by name; the front end and LayerNorm statistics are float32 in every case.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """An encoder precision: torch.float32 / bfloat16 / float16, or its name."""
+    for name, value in COMPUTE_DTYPES.items():
+        if dtype is value or (isinstance(dtype, str) and dtype == name):
+            return value
+    raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)} (a name or torch dtype)")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device from its name, checked: CUDA must be available when asked for."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device (use e.g. 'cpu', 'cuda', 'cuda:1'): {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for, but CUDA is not available here; use device='cpu'")
+    return dev
+
 
 @dataclass
 class FrameEmbeddings:
@@ -162,7 +184,9 @@ class ATSTModel:
         return self.encoder.pos_embed.dtype
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ATSTModel":
-        """Move the encoder (and head) to ``device`` and/or cast it to ``dtype``; returns self."""
+        """Move the encoder (and head) to ``device`` and/or cast it to ``dtype`` (see ``COMPUTE_DTYPES``); returns self."""
+        device = None if device is None else resolve_device(device)
+        dtype = None if dtype is None else resolve_dtype(dtype)
         self.encoder.to(device=device, dtype=dtype)
         if self.head is not None:
             self.head.to(device=device)

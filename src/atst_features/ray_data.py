@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from . import audio, frontend
-from .batch import WHAT, Embedder, compute_dtype, find_inputs, parse_shard, shard_of
-from .embed import DEFAULT_MODEL, ATSTModel, Layers
+from .batch import WHAT, Embedder, find_inputs, parse_shard, shard_of
+from .embed import DEFAULT_MODEL, ATSTModel, Layers, resolve_dtype
 
 PathLike = str | os.PathLike
 INPUT_COLUMNS = ("bytes", "path", "audio")  # checked in this order
@@ -88,7 +88,7 @@ class ATSTEmbedder:
         if not isinstance(model, ATSTModel):
             from .weights import load
 
-            model = load(model, device=device, dtype=compute_dtype(dtype))
+            model = load(model, device=device, dtype=resolve_dtype(dtype))
         self.embedder = Embedder(
             model, what=what, clip_layers=clip_layers, frame_layers=frame_layers, frames_dtype=frames_dtype, batch_size=batch_size
         )

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import convert, heads
-from .embed import ATSTModel
+from .embed import ATSTModel, resolve_device, resolve_dtype
 from .model import ATSTConfig, ATSTEncoder
 
 CONFIG_NAME = "config.json"
@@ -718,6 +718,7 @@ def load(
         manifest: a manifest file or dict to resolve names with, instead of the packaged one.
         progress: show download progress for named models.
     """
+    device, dtype = resolve_device(device), resolve_dtype(dtype)  # bad values fail before any download
     if isinstance(source, str) and source.startswith(HF_SCHEME):
         model = _load_hub(source)
     elif Path(source).is_dir():
