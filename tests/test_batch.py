@@ -126,7 +126,7 @@ def test_outputs_equal_the_in_memory_api(family, model_dirs, models, corpus, tmp
 
     meta = json.loads((out / batch.METADATA_NAME).read_text())
     assert meta["model"] == str(model_dirs[family])
-    assert meta["weights_sha256"] == batch._sha256_file(model_dirs[family] / weights.WEIGHTS_NAME)
+    assert meta["weights_sha256"] == weights.sha256_file(model_dirs[family] / weights.WEIGHTS_NAME)
     assert (meta["clip_layers"], meta["frame_layers"]) == ([0, 1], [1, 0])
     assert meta["compute_dtype"] == "float32" and meta["package_version"] == af.__version__
 

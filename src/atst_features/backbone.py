@@ -102,8 +102,7 @@ class FrameBackbone(nn.Module):
         """(T',) float64 start of each token in seconds for an item of ``num_samples`` samples (as ``embed_frames``)."""
         cfg = self.encoder.cfg
         chunks = pooling.frame_chunks(0, int(frontend.num_frames(num_samples)), cfg.spec_w, cfg.patch_w)
-        starts = torch.cat([c.start + cfg.patch_w * torch.arange(c.tokens, dtype=torch.float64) for c in chunks])
-        return starts * frontend.HOP_LENGTH / frontend.SAMPLE_RATE
+        return pooling.token_times(chunks, cfg.patch_w)
 
     # ---------------------------------------------------------------- what trains
 

@@ -52,7 +52,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from . import __version__, audio, frontend, pooling
+from . import __version__, audio, frontend, pooling, weights
 from .embed import COMPUTE_DTYPES, DEFAULT_MODEL, ATSTModel, Layers, resolve_dtype, resolve_layers
 
 PathLike = str | os.PathLike
@@ -220,14 +220,6 @@ class _Settings:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_sha256(model: ATSTModel) -> tuple[str, str]:
     """(sha256, what was hashed) of a model's weights.
 
@@ -235,26 +227,17 @@ def weights_sha256(model: ATSTModel) -> tuple[str, str]:
     ``model.safetensors``, a checkpoint file, or a cached named model); otherwise the state dict's
     tensors (names, dtypes, shapes and bytes, in name order).
     """
-    from .weights import WEIGHTS_NAME, cache_dir
-
     name = model.name or ""
-    candidates = [Path(name) / WEIGHTS_NAME, Path(name), cache_dir() / name / WEIGHTS_NAME] if name else []
+    candidates = [Path(name) / weights.WEIGHTS_NAME, Path(name), weights.cache_dir() / name / weights.WEIGHTS_NAME] if name else []
     for path in candidates:
         if path.is_file():
-            return _sha256_file(path), f"file {path.name}"
+            return weights.sha256_file(path), f"file {path.name}"
     h = hashlib.sha256()
     for key, tensor in sorted(model.encoder.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest(), "state dict tensors"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a small text file through a temporary file and ``os.replace`` (safe against concurrent shards)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _index_name(shard: tuple[int, int] | None) -> str:
@@ -914,8 +897,7 @@ class _Engine:
             clip = pooling.frame_clip_vector([job.sums[("frame", c.index)] for c in chunks], chunks).numpy()
         timestamps = None
         if self.want_frames:
-            starts = np.concatenate([c.start + cfg.patch_w * np.arange(c.tokens) for c in info.frame_chunks])
-            timestamps = starts.astype(np.float64) * frontend.HOP_LENGTH / frontend.SAMPLE_RATE
+            timestamps = pooling.token_times(info.frame_chunks, cfg.patch_w).numpy()
         job.sink.finish(clip, self.frames_dim, _numpy_dtype(self.frames_dtype), timestamps)
         del self.jobs[job.idx]
         self.on_done(job, None)
@@ -1161,9 +1143,7 @@ def embed_folder(
     if shard is not None:
         files = [f for f in files if shard_of(f.rel, shard[1]) == shard[0]]
     if not isinstance(model, ATSTModel):
-        from .weights import load
-
-        model = load(model, device=device, dtype=resolve_dtype("float32" if dtype is None else dtype))
+        model = weights.load(model, device=device, dtype=resolve_dtype("float32" if dtype is None else dtype))
     if compile:
         model.compile()
     device = model.device
@@ -1181,7 +1161,7 @@ def embed_folder(
     out.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(_metadata(settings, hashed, os.fspath(input), stream_seconds), indent=2) + "\n"
     if not (out / METADATA_NAME).is_file() or (out / METADATA_NAME).read_text(encoding="utf-8") != meta:
-        _write_atomic(out / METADATA_NAME, meta)
+        weights.write_text_atomic(out / METADATA_NAME, meta)
 
     previous = read_index(out)
     key = settings.key
@@ -1208,7 +1188,7 @@ def embed_folder(
         completed = summary.aborted is None
     finally:
         final = dict(rows) if completed else {**old_own, **rows}  # rows of inputs that no longer exist go
-        _write_atomic(own_index, "".join(json.dumps(final[r]) + "\n" for r in sorted(final)))
+        weights.write_text_atomic(own_index, "".join(json.dumps(final[r]) + "\n" for r in sorted(final)))
         summary.wall_seconds = time.perf_counter() - t0
     return summary
 

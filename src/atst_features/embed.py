@@ -358,10 +358,7 @@ class ATSTModel:
             return FrameEmbeddings(torch.zeros(0, n_blocks * cfg.embed_dim), torch.zeros(0, dtype=torch.float64))
         emb = torch.cat([o["tokens"] for o in outs], dim=1)  # (L, T', D)
         emb = emb.permute(1, 0, 2).reshape(emb.shape[1], -1)  # (T', L * D), block-major features
-        starts = torch.cat(
-            [c.start + cfg.patch_w * torch.arange(c.tokens, dtype=torch.float64) for c in chunks]
-        )  # first mel frame of each token
-        return FrameEmbeddings(emb, starts * frontend.HOP_LENGTH / frontend.SAMPLE_RATE)
+        return FrameEmbeddings(emb, pooling.token_times(chunks, cfg.patch_w))
 
     def _overlapping_frames(self, wavs: list[torch.Tensor], blocks: list[int], hop_s, batch_size: int) -> list[FrameEmbeddings]:
         """``embed_frames(hop_s=...)``: overlapping windows on one token grid (``pooling.frame_windows``)."""

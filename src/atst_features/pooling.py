@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .frontend import HOP_LENGTH, SAMPLE_RATE
+
 POOL_EPS = 1e-6  # added to every pooling divisor, as the official code does
 
 
@@ -65,6 +67,13 @@ def clip_chunks(item: int, n_frames: int, chunk_frames: int, patch_w: int) -> li
             frames = min(chunk_frames, remaining)
             out.append(Chunk(item, index, start, frames, frames // patch_w, remaining // patch_w))
     return out
+
+
+def token_times(chunks: list[Chunk], patch_w: int) -> torch.Tensor:
+    """(T',) float64 seconds: the start of each token of ``chunks`` in order, i.e. the centre of the
+    first of its mel frames (token k of a chunk starting at frame s: frame s + patch_w * k)."""
+    frames = [c.start + patch_w * torch.arange(c.tokens, dtype=torch.float64) for c in chunks]
+    return (torch.cat(frames) if frames else torch.zeros(0, dtype=torch.float64)) * HOP_LENGTH / SAMPLE_RATE
 
 
 def token_mean(token_sum: torch.Tensor, chunk: Chunk) -> torch.Tensor:

@@ -114,6 +114,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file beside it (named by process) and ``os.replace``,
+    so readers and concurrent writers never see a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _check_sha256(path: Path, expected: str, way_out: str) -> None:
     actual = sha256_file(path)
     if actual != expected:
@@ -210,9 +219,7 @@ def official_to_converted(
 
 def _write_checksums(directory: Path, files: list[str], source: dict | None) -> None:
     record = {"files": {f: sha256_file(directory / f) for f in files}, "source": source}
-    tmp = directory / (CHECKSUMS_NAME + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / CHECKSUMS_NAME)
+    write_text_atomic(directory / CHECKSUMS_NAME, json.dumps(record, indent=2) + "\n")
 
 
 def save_converted(
@@ -237,9 +244,7 @@ def save_converted(
     tmp = out / (WEIGHTS_NAME + ".tmp")
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / WEIGHTS_NAME)
-    tmp = out / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / CONFIG_NAME)
+    write_text_atomic(out / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=2) + "\n")
     files = [CONFIG_NAME, WEIGHTS_NAME]
     for stale, present in ((HEAD_NAME, head is not None), (LABELS_NAME, labels is not None)):
         if not present and (out / stale).is_file():  # left by an earlier conversion into this directory

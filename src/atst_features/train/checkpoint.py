@@ -122,9 +122,7 @@ def write_export(export: Export, directory: str | os.PathLike, command: str, ste
         multilabel=bool(meta.get("multilabel", True)),
         source={"trained_with": f"atst-features train {command}", "step": step},
     )
-    tmp = directory / (TRAINING_INFO + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / TRAINING_INFO)
+    weights.write_text_atomic(directory / TRAINING_INFO, json.dumps(info, indent=2) + "\n")
     return directory
 
 
