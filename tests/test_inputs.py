@@ -147,7 +147,7 @@ def test_bad_layers(frame_model, wav, layers):
         frame_model.embed_clip(wav, SR, layers=layers)
 
 
-@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
 def test_bad_batch_size(frame_model, wav, batch_size):
     with pytest.raises(ValueError, match="batch_size"):
         frame_model.embed_clip(wav, SR, batch_size=batch_size)

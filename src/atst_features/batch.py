@@ -53,7 +53,7 @@ import soxr
 import torch
 
 from . import __version__, audio, frontend, pooling, weights
-from .embed import COMPUTE_DTYPES, DEFAULT_MODEL, ATSTModel, Layers, resolve_dtype, resolve_layers
+from .embed import COMPUTE_DTYPES, DEFAULT_MODEL, ATSTModel, Layers, check_batch_size, resolve_dtype, resolve_layers
 
 PathLike = str | os.PathLike
 
@@ -964,8 +964,7 @@ class Embedder:
         frames_dtype: str | torch.dtype = "float16",
         batch_size: int = 16,
     ):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_batch_size(batch_size)
         self.model = model
         self.what = _check_what(what)
         self.clip_layers = resolve_layers(clip_layers, model.config.depth)

@@ -64,6 +64,13 @@ class FrameEmbeddings:
         return self.timestamps.shape[0]
 
 
+def check_batch_size(batch_size) -> int:
+    """A batch size (chunks per encoder pass): a positive int."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
 def resolve_layers(layers: Layers, depth: int) -> list[int]:
     """``"all"`` | ``"last"`` | int | list of ints -> list of 0-based block indices (negative ints count from the end)."""
     accepted = f'"all", "last", a block index in -{depth}..{depth - 1}, or a list of such indices'
@@ -284,8 +291,6 @@ class ATSTModel:
     # ---------------------------------------------------------------- internals
 
     def _embed(self, wavs: list[torch.Tensor], blocks: list[int], want_clip: bool, want_frames: bool, batch_size: int):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         mels, n_frames = self._log_mels(wavs, batch_size)
         cfg = self.config
         clips = frames = None
@@ -307,6 +312,7 @@ class ATSTModel:
 
     def _log_mels(self, wavs: list[torch.Tensor], batch_size: int) -> tuple[list[torch.Tensor], list[int]]:
         """Per item (64, T) log-mel on the model's device, computed in length-sorted padded batches."""
+        check_batch_size(batch_size)
         order = sorted(range(len(wavs)), key=lambda i: wavs[i].shape[0])
         mels: list[torch.Tensor | None] = [None] * len(wavs)
         n_frames = [0] * len(wavs)
@@ -362,8 +368,6 @@ class ATSTModel:
 
     def _overlapping_frames(self, wavs: list[torch.Tensor], blocks: list[int], hop_s, batch_size: int) -> list[FrameEmbeddings]:
         """``embed_frames(hop_s=...)``: overlapping windows on one token grid (``pooling.frame_windows``)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         cfg = self.config
         token_s = cfg.patch_w * frontend.HOP_LENGTH / frontend.SAMPLE_RATE
         window = cfg.spec_w // cfg.patch_w
