@@ -16,6 +16,8 @@ import torch
 
 from . import frontend, pooling
 from .audio import load_audio, prepare_waveform
+from .dtypes import COMPUTE_DTYPES, resolve_dtype
+from .heads import ClassificationHead
 from .model import ATSTConfig, ATSTEncoder
 
 DEFAULT_MODEL = "atst-frame-base"
@@ -23,16 +25,6 @@ DEFAULT_MODEL = "atst-frame-base"
 AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 Layers = Union[str, int, Sequence[int]]
 
-#: Encoder precisions, by name; the front end and LayerNorm statistics are float32 in every case.
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """An encoder precision: torch.float32 / bfloat16 / float16, or its name."""
-    for name, value in COMPUTE_DTYPES.items():
-        if dtype is value or (isinstance(dtype, str) and dtype == name):
-            return value
-    raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)} (a name or torch dtype)")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -150,14 +142,28 @@ class ATSTModel:
     Attributes:
         encoder: the ``ATSTEncoder`` (in ``eval()`` mode).
         config: its ``ATSTConfig``.
-        name: where it was loaded from (manifest name, directory or file).
+        name: what it was loaded as (manifest name, directory, file or ``hf://`` spec).
+        head: the classification head of a fine-tuned checkpoint, or ``None``.
+        source: where the weights were resolved to (the converted directory, file or Hub
+            snapshot actually read), or ``None`` for a model built in memory.
+        weights_sha256: sha256 of the weights file that was read, or ``None`` when unknown.
         device, dtype: where and in what precision the encoder runs; the front end is float32.
     """
 
-    def __init__(self, encoder: ATSTEncoder, name: str | None = None):
+    def __init__(
+        self,
+        encoder: ATSTEncoder,
+        name: str | None = None,
+        *,
+        head: ClassificationHead | None = None,
+        source: str | None = None,
+        weights_sha256: str | None = None,
+    ):
         self.encoder = encoder.eval()
         self.name = name
-        self.head = None  # a classification head, for fine-tuned checkpoints that have one
+        self.head = None if head is None else head.eval()
+        self.source = source
+        self.weights_sha256 = weights_sha256
         self._forward = self.encoder  # the encoder, or its torch.compile'd form after compile()
 
     def compile(self, **kwargs) -> "ATSTModel":
