@@ -201,11 +201,11 @@ def test_killed_run_leaves_complete_outputs_and_resumes(model_dirs, tmp_path):
         from atst_features import batch
         from atst_features.model import ATSTEncoder
 
-        forward = ATSTEncoder.forward
+        forward = ATSTEncoder.forward_intermediates
         def slow_forward(self, *args, **kwargs):  # make the run last long enough to be killed
             time.sleep(0.1)
             return forward(self, *args, **kwargs)
-        ATSTEncoder.forward = slow_forward
+        ATSTEncoder.forward_intermediates = slow_forward
 
         parser = argparse.ArgumentParser()
         batch.add_parser(parser.add_subparsers())
@@ -376,7 +376,7 @@ def test_embedder_matches_the_api_and_halves_the_batch_on_out_of_memory(models, 
     wavs = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (16000, 40000, 170000, 5000, 90000)]
     reference = batch.Embedder(model, frames_dtype="float32", batch_size=8).embed(wavs)
 
-    forward = type(model.encoder).forward
+    forward = type(model.encoder).forward_intermediates
     sizes = []
 
     def forward_with_oom(self, mel, *args, **kwargs):
@@ -385,7 +385,7 @@ def test_embedder_matches_the_api_and_halves_the_batch_on_out_of_memory(models, 
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return forward(self, mel, *args, **kwargs)
 
-    monkeypatch.setattr(type(model.encoder), "forward", forward_with_oom)
+    monkeypatch.setattr(type(model.encoder), "forward_intermediates", forward_with_oom)
     embedder = batch.Embedder(model, frames_dtype="float32", batch_size=8)
     results = embedder.embed(wavs)
     assert sizes[0] == 6 and sizes[-1] <= 2  # 6 chunks per kind: tried whole, then halved until it fits

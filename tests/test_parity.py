@@ -93,7 +93,7 @@ def test_one_liners_load_and_cache_a_directory(tiny_dirs, reference):
     wav = reference["chirp_3s.wav"]
     a = af.embed_clip(wav, SR, model=str(tiny_dirs["clip"]))
     assert_close(a, reference["chirp_3s.clip.scene.last12"], EMB_TOL)
-    from atst_features.embed import _cached_model
+    from atst_features.api import _cached_model
 
     hits = _cached_model.cache_info().hits
     af.embed_clip(wav, SR, model=str(tiny_dirs["clip"]))

@@ -1,7 +1,8 @@
 """atst-features: exact, fast embeddings from the ATST audio transformers (ATST-Clip, ATST-Frame, ATST-C2F)."""
 
 from .audio import load_audio
-from .embed import ATSTModel, FrameEmbeddings, embed_clip, embed_frames
+from .api import embed_clip, embed_frames
+from .embed import ATSTModel, FrameEmbeddings
 from .model import ATSTConfig, ATSTEncoder
 from .weights import convert_checkpoint, download, list_models, load
 

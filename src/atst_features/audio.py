@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -32,6 +33,7 @@ _TORCH_TO_NUMPY = {
     torch.int32: np.int32,
 }
 ACCEPTED_DTYPES = "float16, float32, float64, int16 or int32 PCM"
+STREAM_BLOCK_FRAMES = 1 << 18  # source frames per read when a file is decoded in blocks
 
 
 def load_audio(path: PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -68,6 +70,29 @@ def read_audio(path: PathLike) -> tuple[np.ndarray, int]:
     if data.size == 0:
         raise ValueError(f"{str(path)!r} holds no audio samples")
     return data.mean(axis=1, dtype=np.float32), int(sr)
+
+
+def stream_blocks(path: PathLike, block_frames: int = STREAM_BLOCK_FRAMES) -> Iterator[np.ndarray]:
+    """Decode a file block by block to mono float32 at 16 kHz, as ``load_audio`` would (soxr HQ).
+
+    Yields (n,) arrays of about ``block_frames`` source frames each; memory stays bounded
+    whatever the file's length. Raises ``ValueError`` for NaN or Inf samples.
+    """
+    with sf.SoundFile(str(path)) as f:
+        rs = None
+        if f.samplerate != SAMPLE_RATE:
+            rs = soxr.ResampleStream(f.samplerate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        while True:
+            data = f.read(block_frames, dtype="float32", always_2d=True)  # (n, C)
+            last = data.shape[0] < block_frames
+            mono = data.mean(axis=1, dtype=np.float32)
+            if rs is not None:
+                mono = rs.resample_chunk(mono, last=last)
+            if not np.isfinite(mono).all():
+                raise ValueError(f"{str(path)!r} contains NaN or Inf samples")
+            yield mono
+            if last:
+                return
 
 
 def resample(wav: np.ndarray, orig_sr: float, target_sr: float = SAMPLE_RATE) -> np.ndarray:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import frontend, pooling
+from .chunks import encode_chunks, gather
 from .embed import ATSTModel, Layers, resolve_layers
 from .model import ATSTEncoder
 
@@ -79,24 +80,24 @@ class FrameBackbone(nn.Module):
         cfg = self.encoder.cfg
         device = self.encoder.pos_embed.device
         mel, n_frames = frontend.log_mel(waveforms.to(device), lengths)  # (B, 64, T), (B,)
-        batch = mel.shape[0]
         plans = [pooling.frame_chunks(i, int(n), cfg.spec_w, cfg.patch_w) for i, n in enumerate(n_frames)]
+        chunks = [c for plan in plans for c in plan]
+        out = encode_chunks(self.encoder, gather(mel, chunks), [c.tokens for c in chunks], self.blocks)
+        rows = out.tokens.permute(0, 2, 1, 3).flatten(2)  # (C, P, L * D), no [CLS]
+        # each chunk's valid tokens go to (item, first token of the chunk in the item + k)
         n_tokens = [sum(c.tokens for c in plan) for plan in plans]
-        pieces = []
-        for index in range(max(len(plan) for plan in plans)):
-            chunks = [plan[index] for plan in plans if len(plan) > index]  # every chunk but an item's last is full
-            items = torch.tensor([c.item for c in chunks], device=device)
-            width = max(c.frames for c in chunks)
-            start = index * cfg.spec_w
-            tokens = torch.tensor([c.tokens for c in chunks], device=device)
-            padded = any(c.tokens < width // cfg.patch_w for c in chunks)  # else SDPA's fused kernels apply
-            out = self.encoder(mel[items, :, start : start + width], tokens if padded else None, self.blocks)
-            out = out[:, :, int(cfg.has_cls) :].permute(0, 2, 1, 3).flatten(2)  # (b, P, L * D), no [CLS]
-            piece = out.new_zeros(batch, out.shape[1], out.shape[2]).index_copy(0, items, out)  # (B, P, L * D)
-            pieces.append(piece)
-        emb = torch.cat(pieces, dim=1)[:, : max(n_tokens)]  # (B, T', L * D)
+        chunk_idx, token_idx, item_idx, pos_idx = [], [], [], []
+        for j, c in enumerate(chunks):
+            first = sum(p.tokens for p in plans[c.item] if p.index < c.index)
+            chunk_idx += [j] * c.tokens
+            token_idx += range(c.tokens)
+            item_idx += [c.item] * c.tokens
+            pos_idx += range(first, first + c.tokens)
+        emb = rows.new_zeros(mel.shape[0], max(n_tokens), rows.shape[-1])  # (B, T', L * D)
+        emb = emb.index_put((torch.tensor(item_idx, device=device), torch.tensor(pos_idx, device=device)),
+                            rows[torch.tensor(chunk_idx, device=device), torch.tensor(token_idx, device=device)])
         mask = torch.arange(emb.shape[1], device=device)[None, :] < torch.tensor(n_tokens, device=device)[:, None]
-        return emb * mask[..., None].to(emb.dtype), mask
+        return emb, mask
 
     def timestamps(self, num_samples: int) -> torch.Tensor:
         """(T',) float64 start of each token in seconds for an item of ``num_samples`` samples (as ``embed_frames``)."""

@@ -34,26 +34,25 @@ given, and a window is not the whole file: the floor comes from the whole file's
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 import zipfile
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import soundfile as sf
-import soxr
 import torch
 
-from . import __version__, audio, frontend, pooling, weights
-from .embed import COMPUTE_DTYPES, DEFAULT_MODEL, ATSTModel, Layers, check_batch_size, resolve_dtype, resolve_layers
+from . import __version__, audio, frontend, weights
+from .chunks import DiskFull, EmbedResult, Engine, Job, MemorySink, Request, is_disk_full, run_waveforms
+from .dtypes import COMPUTE_DTYPES, STORAGE_DTYPES, dtype_name, numpy_dtype, resolve_dtype
+from .embed import DEFAULT_MODEL, ATSTModel, Layers, check_batch_size, resolve_layers
+from .pieces import Piece, Plan, SourceInfo, streamed_pieces, whole_piece
 
 PathLike = str | os.PathLike
 
@@ -71,9 +70,6 @@ WHAT = ("clip", "frames")
 FORMAT_VERSION = 1  # bump when the content of the .npz files changes
 
 STATUS_OK, STATUS_SKIPPED, STATUS_FAILED = "ok", "skipped", "failed"
-_STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_BLOCK_FRAMES = 1 << 18  # source frames per read when streaming a long file
 _GROUP_FILES = 8  # decoded files a worker sends at once (one transfer, one copy to the device)
 _GROUP_SAMPLES = 1 << 22  # ... or fewer, when their samples reach this
 
@@ -276,92 +272,7 @@ def _up_to_date(row: dict | None, f: InputFile, key: str, out: Path) -> bool:
     )
 
 
-# ============================================================================ the front end on windows
-
-
-def _reflect_indices(lo: int, hi: int, n_total: int | None) -> np.ndarray:
-    """Sample indices [lo, hi) of the reflect-padded waveform (``center=True``) mapped into [0, n_total)."""
-    idx = np.abs(np.arange(lo, hi, dtype=np.int64))  # left edge: sample -i is sample i
-    if n_total is not None:
-        over = idx >= n_total
-        idx[over] = 2 * (n_total - 1) - idx[over]
-    return idx
-
-
-def _sample_range(first_frame: int, n_frames: int) -> tuple[int, int]:
-    """Samples [lo, hi) that mel frames [first_frame, first_frame + n_frames) are computed from.
-
-    Frame f is centred at sample f * HOP_LENGTH and spans N_FFT samples, so the range is
-    N_FFT // 2 samples wider than the frame centres on each side (lo < 0 or hi > N at the edges,
-    where the front end reflects). hi - lo = HOP_LENGTH * (n_frames - 1) + N_FFT.
-    """
-    half = frontend.N_FFT // 2
-    return first_frame * frontend.HOP_LENGTH - half, (first_frame + n_frames - 1) * frontend.HOP_LENGTH + half
-
-
-def window_log_mel(segments: list[torch.Tensor], n_frames: list[int], peak_db: list[float | None]) -> list[torch.Tensor]:
-    """Normalised log-mel of windows of files, equal to the matching frames of ``frontend.log_mel(whole file)``.
-
-    Args:
-        segments: per window, the samples ``_sample_range`` names (already reflected at file edges),
-            float32 at 16 kHz, on one device.
-        n_frames: mel frames per window.
-        peak_db: per window, the loudest dB of the whole file, or ``None`` when the window is the
-            whole file (the peak is then taken over its own frames).
-
-    Returns:
-        per window a (N_MELS, n_frames) float32 tensor.
-    """
-    batch = torch.nn.utils.rnn.pad_sequence(segments, batch_first=True)  # (B, S)
-    db = frontend.mel_db(batch)  # (B, M, T)
-    own = frontend.peak_db(db, torch.tensor(n_frames))  # (B,)
-    given = torch.tensor([math.nan if p is None else p for p in peak_db], dtype=torch.float32, device=db.device)
-    mel = frontend.normalise(db, torch.where(torch.isnan(given), own, given))
-    return [mel[i, :, :n] for i, n in enumerate(n_frames)]
-
-
 # ============================================================================ decoding (DataLoader workers)
-
-
-@dataclass(frozen=True)
-class _PlanSpec:
-    """What the workers need of the model to cut a file into encoder chunks."""
-
-    spec_w: int
-    patch_w: int
-    clip_chunk_frames: int
-    frame_plan: bool  # frames wanted, or an ATST-Frame clip vector (pooled from the same chunks)
-    clip_plan: bool  # an ATST-Clip clip vector (its own 601-frame chunks)
-
-    def chunks(self, idx: int, n_mel_frames: int) -> tuple[list[pooling.Chunk], list[pooling.Chunk]]:
-        frame = pooling.frame_chunks(idx, n_mel_frames, self.spec_w, self.patch_w) if self.frame_plan else []
-        clip = pooling.clip_chunks(idx, n_mel_frames, self.clip_chunk_frames, self.patch_w) if self.clip_plan else []
-        return frame, clip
-
-
-@dataclass
-class _SourceInfo:
-    """What is known of a decoded file; travels with its first piece."""
-
-    duration: float  # seconds, at the file's own rate
-    sample_rate: int  # Hz, the file's own
-    channels: int
-    n_samples: int  # at 16 kHz, mono
-    frame_chunks: list[pooling.Chunk]
-    clip_chunks: list[pooling.Chunk]
-
-
-@dataclass
-class _Piece:
-    """A window of a decoded file: samples for mel frames [first_frame, first_frame + n_frames)."""
-
-    idx: int
-    segment: torch.Tensor  # (HOP_LENGTH * (n_frames - 1) + N_FFT,) float32, 16 kHz
-    first_frame: int
-    n_frames: int
-    peak_db: float | None  # the whole file's loudest dB; None when the piece is the whole file
-    chunks: list[tuple[str, pooling.Chunk]]  # ("frame" | "clip", chunk) encoded from this piece
-    info: _SourceInfo | None = None  # on the file's first piece
 
 
 @dataclass
@@ -370,127 +281,7 @@ class _Failure:
     error: str
 
 
-def _windows(
-    frame_chunks: list[pooling.Chunk], clip_chunks: list[pooling.Chunk], window_frames: int
-) -> list[tuple[int, int, list[tuple[str, pooling.Chunk]]]]:
-    """Group chunks into windows by start frame: [(first frame, frames, chunks)], in order.
-
-    Window w holds the chunks starting in [w * window_frames, (w + 1) * window_frames) and
-    spans their frames (an ATST-Clip chunk may reach past the window's end).
-    """
-    groups: dict[int, list[tuple[str, pooling.Chunk]]] = defaultdict(list)
-    for kind, chunks in (("frame", frame_chunks), ("clip", clip_chunks)):
-        for c in chunks:
-            groups[c.start // window_frames].append((kind, c))
-    out = []
-    for w in sorted(groups):
-        first = min(c.start for _, c in groups[w])
-        end = max(c.start + c.frames for _, c in groups[w])
-        out.append((first, end - first, groups[w]))
-    return out
-
-
-class _SampleBuffer:
-    """Consecutive 16 kHz samples of a stream, from global position ``start``."""
-
-    def __init__(self) -> None:
-        self.blocks: list[np.ndarray] = []
-        self.start = 0
-        self.end = 0
-
-    def append(self, block: np.ndarray) -> None:
-        self.blocks.append(block)
-        self.end += block.shape[0]
-
-    def take(self, idx: np.ndarray) -> np.ndarray:
-        if len(self.blocks) > 1:
-            self.blocks = [np.concatenate(self.blocks)]
-        if idx.size and (idx.min() < self.start or idx.max() >= self.end):
-            raise RuntimeError(f"samples {idx.min()}..{idx.max()} are not buffered ({self.start}..{self.end})")
-        return self.blocks[0][idx - self.start]
-
-    def discard_before(self, pos: int) -> None:
-        k = min(max(0, pos - self.start), self.end - self.start)
-        if k:
-            data = np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
-            self.blocks = [data[k:]]
-            self.start += k
-
-
-def _stream_blocks(path: Path) -> Iterator[np.ndarray]:
-    """Decode a file block by block to mono float32 at 16 kHz, as ``audio.load_audio`` would (soxr HQ)."""
-    with sf.SoundFile(str(path)) as f:
-        rs = None
-        if f.samplerate != frontend.SAMPLE_RATE:
-            rs = soxr.ResampleStream(f.samplerate, frontend.SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-        while True:
-            data = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)  # (n, C)
-            last = data.shape[0] < _BLOCK_FRAMES
-            mono = data.mean(axis=1, dtype=np.float32)
-            if rs is not None:
-                mono = rs.resample_chunk(mono, last=last)
-            if not np.isfinite(mono).all():
-                raise ValueError(f"{str(path)!r} contains NaN or Inf samples")
-            yield mono
-            if last:
-                return
-
-
-def _stream_peak(path: Path, window_frames: int) -> tuple[int, float]:
-    """First pass over a long file: (samples at 16 kHz, loudest mel-frame dB), in bounded memory."""
-    buf, peak, next_frame = _SampleBuffer(), -math.inf, 0
-    for block in _stream_blocks(path):
-        buf.append(block)
-        while buf.end >= _sample_range(next_frame, window_frames)[1]:  # the window is inside the file
-            seg = buf.take(_reflect_indices(*_sample_range(next_frame, window_frames), None))
-            peak = max(peak, float(frontend.mel_db(torch.from_numpy(seg)[None]).max()))
-            next_frame += window_frames
-            buf.discard_before(_sample_range(next_frame, 1)[0])
-    n_samples = buf.end
-    n_mel = frontend.num_frames(n_samples)
-    while next_frame < n_mel:  # the file's tail, reflected at its end
-        n = min(window_frames, n_mel - next_frame)
-        seg = buf.take(_reflect_indices(*_sample_range(next_frame, n), n_samples))
-        peak = max(peak, float(frontend.mel_db(torch.from_numpy(seg)[None]).max()))
-        next_frame += n
-    return n_samples, peak
-
-
-def _whole_piece(idx: int, wav: torch.Tensor, spec: _PlanSpec, info: dict) -> _Piece:
-    """A decoded waveform (N,) at 16 kHz as the single piece of its file."""
-    n_samples = wav.shape[0]
-    n_mel = frontend.num_frames(n_samples)
-    frame_chunks, clip_chunks = spec.chunks(idx, n_mel)
-    lo, hi = _sample_range(0, n_mel)  # lo = -N_FFT // 2: the front end's reflect padding on both sides
-    x = wav.numpy()
-    segment = torch.from_numpy(np.concatenate([x[-lo:0:-1], x, x[-2 : -2 + lo : -1]])[: hi - lo])
-    chunks = [("frame", c) for c in frame_chunks] + [("clip", c) for c in clip_chunks]
-    source = _SourceInfo(n_samples=n_samples, frame_chunks=frame_chunks, clip_chunks=clip_chunks, **info)
-    return _Piece(idx, segment, 0, n_mel, None, chunks, source)
-
-
-def _streamed_pieces(idx: int, path: Path, spec: _PlanSpec, info: dict, window_frames: int) -> Iterator[_Piece]:
-    """A long file as windows of whole chunks (two passes, bounded memory)."""
-    n_samples, peak = _stream_peak(path, window_frames)
-    if n_samples < frontend.MIN_SAMPLES:
-        raise ValueError(f"{str(path)!r} holds {n_samples} samples at 16 kHz; at least {frontend.MIN_SAMPLES} are needed")
-    frame_chunks, clip_chunks = spec.chunks(idx, frontend.num_frames(n_samples))
-    source = _SourceInfo(n_samples=n_samples, frame_chunks=frame_chunks, clip_chunks=clip_chunks, **info)
-    windows = _windows(frame_chunks, clip_chunks, window_frames)
-    blocks, buf = _stream_blocks(path), _SampleBuffer()
-    for w, (first, n, chunks) in enumerate(windows):
-        idxs = _reflect_indices(*_sample_range(first, n), n_samples)
-        while buf.end <= idxs.max():
-            block = next(blocks, None)
-            if block is None:
-                raise ValueError(f"{str(path)!r} changed while it was read (fewer samples on the second pass)")
-            buf.append(block)
-        yield _Piece(idx, torch.from_numpy(buf.take(idxs)), first, n, peak, chunks, source if w == 0 else None)
-        if w + 1 < len(windows):
-            buf.discard_before(_sample_range(windows[w + 1][0], 1)[0])
-
-
-def _decode(idx: int, path: Path, spec: _PlanSpec, stream_seconds: float, window_frames: int) -> Iterator[_Piece | _Failure]:
+def _decode(idx: int, path: Path, spec: Plan, stream_seconds: float, window_frames: int) -> Iterator[Piece | _Failure]:
     """One file -> its pieces, or a ``_Failure`` carrying the error (never raises)."""
     try:
         if not path.is_file():
@@ -503,9 +294,9 @@ def _decode(idx: int, path: Path, spec: _PlanSpec, stream_seconds: float, window
         info = {"duration": header.frames / header.samplerate, "sample_rate": header.samplerate, "channels": header.channels}
         if header.frames / header.samplerate <= stream_seconds:
             wav = audio.prepare_waveform(audio.load_audio(path), frontend.SAMPLE_RATE, str(path))
-            yield _whole_piece(idx, wav, spec, info)
+            yield whole_piece(idx, wav, spec, info)
         else:
-            yield from _streamed_pieces(idx, path, spec, info, window_frames)
+            yield from streamed_pieces(idx, lambda: audio.stream_blocks(path), spec, info, window_frames, what=repr(str(path)))
     except (ValueError, TypeError, FileNotFoundError) as e:  # messages that say what was wrong
         yield _Failure(idx, str(e))
     except Exception as e:
@@ -519,11 +310,11 @@ class _Group:
 
     samples: torch.Tensor  # (S,) float32
     spans: list[tuple[int, int]]  # (offset, length) of each piece's segment in ``samples``
-    items: list[_Piece | _Failure]  # pieces' segments are detached while in transit
+    items: list[Piece | _Failure]  # pieces' segments are detached while in transit
 
     @classmethod
-    def pack(cls, items: list[_Piece | _Failure]) -> "_Group":
-        pieces = [x for x in items if isinstance(x, _Piece)]
+    def pack(cls, items: list[Piece | _Failure]) -> "_Group":
+        pieces = [x for x in items if isinstance(x, Piece)]
         lengths = [p.segment.shape[0] for p in pieces]
         offsets = np.cumsum([0, *lengths[:-1]]).tolist()
         samples = torch.from_numpy(np.concatenate([p.segment.numpy() for p in pieces] or [np.zeros(0, np.float32)]))
@@ -535,12 +326,12 @@ class _Group:
         self.samples = self.samples.pin_memory()
         return self
 
-    def unpack(self, device: torch.device) -> list[_Piece | _Failure]:
+    def unpack(self, device: torch.device) -> list[Piece | _Failure]:
         """The items; each piece's segment a view of the samples moved to ``device`` (non-blocking from pinned memory)."""
         samples = self.samples.to(device, non_blocking=True)
         spans = iter(self.spans)
         for item in self.items:
-            if isinstance(item, _Piece):
+            if isinstance(item, Piece):
                 offset, length = next(spans)
                 item.segment = samples[offset : offset + length]
         return self.items
@@ -549,20 +340,20 @@ class _Group:
 class _DecodeDataset(torch.utils.data.IterableDataset):
     """Decodes files into groups of pieces; worker k of W takes files k, k + W, ... (sorted by size)."""
 
-    def __init__(self, files: list[tuple[int, Path]], spec: _PlanSpec, stream_seconds: float, window_frames: int):
+    def __init__(self, files: list[tuple[int, Path]], spec: Plan, stream_seconds: float, window_frames: int):
         self.files, self.spec = files, spec
         self.stream_seconds, self.window_frames = stream_seconds, window_frames
 
     def __iter__(self) -> Iterator[_Group]:
         worker = torch.utils.data.get_worker_info()
         k, n = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        items: list[_Piece | _Failure] = []
+        items: list[Piece | _Failure] = []
         files = samples = 0
         for idx, path in self.files[k::n]:
             files += 1
             for item in _decode(idx, path, self.spec, self.stream_seconds, self.window_frames):
                 items.append(item)
-                samples += item.segment.shape[0] if isinstance(item, _Piece) else 0
+                samples += item.segment.shape[0] if isinstance(item, Piece) else 0
                 if samples >= _GROUP_SAMPLES:  # a long file's windows go one by one
                     yield _Group.pack(items)
                     items, files, samples = [], 0, 0
@@ -574,30 +365,6 @@ class _DecodeDataset(torch.utils.data.IterableDataset):
 
 
 # ============================================================================ outputs
-
-
-class _DiskFull(OSError):
-    """Writing an output failed for lack of space: the run stops (a rerun resumes)."""
-
-
-class _MemorySink:
-    """Keeps a file's outputs in memory (``Embedder.embed``)."""
-
-    def __init__(self) -> None:
-        self.frames: list[np.ndarray] = []
-        self.result: EmbedResult | None = None
-
-    def write_frames(self, rows: np.ndarray) -> None:
-        self.frames.append(rows)
-
-    def finish(self, clip: np.ndarray | None, frames_dim: int | None, dtype, timestamps: np.ndarray | None) -> None:
-        frames = None
-        if frames_dim is not None:
-            frames = np.concatenate(self.frames) if self.frames else np.zeros((0, frames_dim), dtype)
-        self.result = EmbedResult(clip, frames, timestamps)
-
-    def abort(self) -> None:
-        self.frames = []
 
 
 class _NpzSink:
@@ -639,290 +406,7 @@ class _NpzSink:
         self.tmp.unlink(missing_ok=True)
 
 
-def _disk_full(e: OSError) -> bool:
-    return e.errno in _DISK_FULL
-
-
-# ============================================================================ the encoding engine
-
-
-@dataclass
-class _Job:
-    """A file being embedded: its chunks, the results received so far, where its outputs go."""
-
-    idx: int
-    info: _SourceInfo | None  # None for a file that failed before it was decoded
-    sink: _MemorySink | _NpzSink
-    pending: int  # chunk results still to come
-    sums: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (L_clip, D) float32
-    cls: dict[int, torch.Tensor] = field(default_factory=dict)
-    frames: dict[int, np.ndarray] = field(default_factory=dict)  # chunk index -> rows not yet written
-    next_frame_chunk: int = 0  # position in info.frame_chunks of the next rows to write
-    failed: bool = False
-
-
-@dataclass
-class _InFlight:
-    """An encoder pass whose outputs are on their way to the CPU: (b, N, Lf * D) frames in the
-    storage dtype, (b, Lc, D) float32 token sums and [CLS] outputs; ``event`` marks the copies (CUDA)."""
-
-    kind: str
-    batch: list[tuple[_Job, pooling.Chunk, torch.Tensor]]
-    frames: torch.Tensor | None
-    sums: torch.Tensor | None
-    cls: torch.Tensor | None
-    event: "torch.cuda.Event | None"
-
-
-def _to_pinned(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Start a non-blocking copy of a CUDA tensor into pinned host memory."""
-    if t is None:
-        return None
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
-
-
-class _Engine:
-    """Turns pieces into per-file outputs: mel on the model's device, chunks of many files batched
-    through the encoder, pooled and streamed to each file's sink.
-
-    ``on_done(job, error)`` is called once per file, with ``error=None`` on success.
-    """
-
-    def __init__(
-        self,
-        model: ATSTModel,
-        what: Sequence[str],
-        clip_layers: list[int],
-        frame_layers: list[int],
-        frames_dtype: torch.dtype,
-        batch_size: int,
-        on_done: Callable[[_Job, str | None], None],
-        log: Callable[[str], None] = lambda msg: None,
-    ):
-        self.model, self.cfg = model, model.config
-        self.want_clip, self.want_frames = "clip" in what, "frames" in what
-        self.frames_dtype, self.batch_size = frames_dtype, batch_size
-        self.on_done, self.log = on_done, log
-        clip_from_frames = self.want_clip and not self.cfg.has_cls
-        frame_blocks = list(frame_layers if self.want_frames else [])
-        frame_blocks += [b for b in (clip_layers if clip_from_frames else []) if b not in frame_blocks]
-        # per pool kind: (encoder blocks, positions of the frame layers in them, positions of the clip layers)
-        self.kinds = {
-            "frame": (frame_blocks, [frame_blocks.index(b) for b in frame_layers] if self.want_frames else [],
-                      [frame_blocks.index(b) for b in clip_layers] if clip_from_frames else []),
-            "clip": (list(clip_layers), [], list(range(len(clip_layers)))),
-        }
-        self.frames_dim = len(frame_layers) * self.cfg.embed_dim if self.want_frames else None
-        self.pools: dict[str, list[tuple[_Job, pooling.Chunk, torch.Tensor]]] = {"frame": [], "clip": []}
-        self.jobs: dict[int, _Job] = {}
-        self.inflight: _InFlight | None = None
-
-    # ------------------------------------------------------------ intake
-
-    def plan_spec(self) -> _PlanSpec:
-        cfg = self.cfg
-        return _PlanSpec(
-            cfg.spec_w, cfg.patch_w, cfg.clip_chunk_frames,
-            frame_plan=self.want_frames or (self.want_clip and not cfg.has_cls),
-            clip_plan=self.want_clip and cfg.has_cls,
-        )
-
-    def n_tokens(self, info: _SourceInfo) -> int:
-        return sum(c.tokens for c in info.frame_chunks)
-
-    def start(self, piece: _Piece, sink: _MemorySink | _NpzSink) -> _Job:
-        info = piece.info
-        job = _Job(piece.idx, info, sink, pending=len(info.frame_chunks) + len(info.clip_chunks))
-        self.jobs[piece.idx] = job
-        return job
-
-    def add(self, pieces: list[_Piece]) -> None:
-        """Compute the mel of ``pieces`` (whose jobs were started) in one batch and queue their chunks."""
-        pieces = [p for p in pieces if p.idx in self.jobs and not self.jobs[p.idx].failed]
-        if not pieces:
-            return
-        device = self.model.device
-        try:
-            segments = [p.segment.to(device, non_blocking=True) for p in pieces]
-            mels = window_log_mel(segments, [p.n_frames for p in pieces], [p.peak_db for p in pieces])
-        except torch.OutOfMemoryError:
-            if len(pieces) == 1:
-                self.fail(pieces[0].idx, "out of GPU memory computing the mel of one window")
-                return
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self.add(pieces[: len(pieces) // 2])
-            self.add(pieces[len(pieces) // 2 :])
-            return
-        for p, mel in zip(pieces, mels):
-            job = self.jobs[p.idx]
-            for kind, c in p.chunks:
-                offset = c.start - p.first_frame
-                self.pools[kind].append((job, c, mel[:, offset : offset + c.frames]))
-        for kind in self.pools:
-            while len(self.pools[kind]) >= self.batch_size:
-                batch, self.pools[kind] = self.pools[kind][: self.batch_size], self.pools[kind][self.batch_size :]
-                self._run(kind, batch)
-
-    def flush(self) -> None:
-        """Encode everything queued and hand out every result."""
-        for kind in self.pools:
-            while self.pools[kind]:
-                batch, self.pools[kind] = self.pools[kind][: self.batch_size], self.pools[kind][self.batch_size :]
-                self._run(kind, batch)
-        self._complete_inflight()
-
-    def fail(self, idx: int, error: str) -> None:
-        job = self.jobs.pop(idx, None)
-        if job is not None and not job.failed:
-            job.failed = True
-            job.sink.abort()
-            self.on_done(job, error)
-
-    def abort_all(self) -> None:
-        """Drop every unfinished file (its partial output is removed); no callbacks."""
-        for job in self.jobs.values():
-            job.failed = True
-            job.sink.abort()
-        self.jobs.clear()
-        self.pools = {"frame": [], "clip": []}
-        self.inflight = None
-
-    # ------------------------------------------------------------ encoding
-
-    def _run(self, kind: str, batch: list[tuple[_Job, pooling.Chunk, torch.Tensor]]) -> None:
-        """Queue one encoder pass, then hand out the previous pass's results (on CUDA the GPU
-        computes this batch while the CPU writes the previous one)."""
-        batch = [e for e in batch if not e[0].failed]
-        if not batch:
-            return
-        try:
-            flight = self._launch(kind, batch)
-        except torch.OutOfMemoryError:
-            self._complete_inflight()
-            if len(batch) == 1:
-                self.fail(batch[0][0].idx, "out of GPU memory with a batch of one chunk")
-                return
-            half = len(batch) // 2
-            if self.batch_size > half:
-                self.batch_size = half
-                self.log(f"out of GPU memory: batch size lowered to {half} chunks")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self._run(kind, batch[:half])
-            self._run(kind, batch[half:])
-            return
-        except (RuntimeError, ValueError) as e:
-            for job, _, _ in batch:
-                self.fail(job.idx, f"encoder failed: {type(e).__name__}: {e}")
-            return
-        self._complete_inflight()
-        self.inflight = flight
-
-    def _complete_inflight(self) -> None:
-        flight, self.inflight = self.inflight, None
-        if flight is None:
-            return
-        if flight.event is not None:
-            flight.event.synchronize()
-        frames = flight.frames.numpy() if flight.frames is not None else None
-        for j, (job, c, _) in enumerate(flight.batch):
-            if not job.failed:
-                rows = frames[j, : c.tokens] if frames is not None else None
-                token_sum = flight.sums[j] if flight.sums is not None else None
-                cls = flight.cls[j] if flight.cls is not None else None
-                self._receive(flight.kind, job, c, rows, token_sum, cls)
-
-    @torch.inference_mode()
-    def _launch(self, kind: str, batch) -> _InFlight:
-        """One encoder pass over a batch of chunks; its outputs start their way to the CPU without waiting."""
-        cfg, device = self.cfg, self.model.device
-        blocks, frame_sel, clip_sel = self.kinds[kind]
-        width = max(c.frames for _, c, _ in batch)
-        mel = torch.zeros(len(batch), cfg.n_mels, width, device=device)
-        for j, (_, c, m) in enumerate(batch):
-            mel[j, :, : c.frames] = m
-        tokens = torch.tensor([c.tokens for _, c, _ in batch], device=device)
-        padded = any(c.tokens < width // cfg.patch_w for _, c, _ in batch)
-        out = self.model.encode(mel, tokens if padded else None, blocks)  # (b, L, N, D)
-        skip = int(cfg.has_cls)
-        n = out.shape[2] - skip
-        frames = sums = cls = None
-        if frame_sel:
-            frames = out[:, frame_sel, skip:].permute(0, 2, 1, 3).reshape(len(batch), n, -1)  # (b, N, Lf * D)
-            frames = frames.to(self.frames_dtype)
-        if clip_sel:
-            valid = torch.arange(n, device=device)[None, :] < tokens[:, None]  # (b, N)
-            sums = (out[:, clip_sel, skip:] * valid[:, None, :, None]).sum(dim=2, dtype=torch.float32)  # (b, Lc, D)
-            if skip:
-                cls = out[:, clip_sel, 0].float()  # (b, Lc, D)
-        event = None
-        if device.type == "cuda":
-            frames, sums, cls = (_to_pinned(t) for t in (frames, sums, cls))
-            event = torch.cuda.Event()
-            event.record()
-        return _InFlight(kind, batch, frames, sums, cls, event)
-
-    def _receive(self, kind: str, job: _Job, chunk: pooling.Chunk, rows, token_sum, cls) -> None:
-        try:
-            if rows is not None:
-                job.frames[chunk.index] = rows
-                order = job.info.frame_chunks
-                while job.next_frame_chunk < len(order) and order[job.next_frame_chunk].index in job.frames:
-                    job.sink.write_frames(job.frames.pop(order[job.next_frame_chunk].index))
-                    job.next_frame_chunk += 1
-            if token_sum is not None:
-                job.sums[(kind, chunk.index)] = token_sum
-            if cls is not None:
-                job.cls[chunk.index] = cls
-            job.pending -= 1
-            if job.pending == 0:
-                self._finish(job)
-        except OSError as e:
-            if _disk_full(e):
-                raise _DiskFull(e.errno, f"disk full while writing outputs ({e})") from e
-            self.fail(job.idx, f"cannot write the output: {e}")
-
-    def _finish(self, job: _Job) -> None:
-        info, cfg = job.info, self.cfg
-        clip = None
-        if self.want_clip and cfg.has_cls:
-            chunks = info.clip_chunks
-            clip = pooling.clip_clip_vector(
-                [job.cls[c.index] for c in chunks], [job.sums[("clip", c.index)] for c in chunks], chunks
-            ).numpy()
-        elif self.want_clip:
-            chunks = info.frame_chunks
-            clip = pooling.frame_clip_vector([job.sums[("frame", c.index)] for c in chunks], chunks).numpy()
-        timestamps = None
-        if self.want_frames:
-            timestamps = pooling.token_times(info.frame_chunks, cfg.patch_w).numpy()
-        job.sink.finish(clip, self.frames_dim, _numpy_dtype(self.frames_dtype), timestamps)
-        del self.jobs[job.idx]
-        self.on_done(job, None)
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return np.dtype({torch.float16: np.float16, torch.float32: np.float32}[dtype])
-
-
 # ============================================================================ in-memory batch API
-
-
-@dataclass
-class EmbedResult:
-    """Outputs of one input, as stored in its ``.npz``.
-
-    Attributes:
-        clip: (C,) float32 clip vector (C = L * D for ATST-Frame, 2 * L * D for ATST-Clip), or None.
-        frames: (T', L * D) frame embeddings in the frames dtype, or None.
-        timestamps: (T',) float64 seconds, the start of each 40 ms token, or None.
-    """
-
-    clip: np.ndarray | None
-    frames: np.ndarray | None
-    timestamps: np.ndarray | None
 
 
 def _check_what(what: str | Sequence[str]) -> tuple[str, ...]:
@@ -930,13 +414,6 @@ def _check_what(what: str | Sequence[str]) -> tuple[str, ...]:
     if not items or any(w not in WHAT for w in items):
         raise ValueError(f"what={what!r} is not understood; use 'clip', 'frames' or both ('clip,frames')")
     return tuple(w for w in WHAT if w in items)
-
-
-def _check_dtype(name, table: dict, what: str) -> torch.dtype:
-    for key, value in table.items():
-        if name in (key, value):
-            return value
-    raise ValueError(f"{what}={name!r} is not understood; use one of {', '.join(table)}")
 
 
 class Embedder:
@@ -969,13 +446,20 @@ class Embedder:
         self.what = _check_what(what)
         self.clip_layers = resolve_layers(clip_layers, model.config.depth)
         self.frame_layers = resolve_layers(frame_layers, model.config.depth)
-        self.frames_dtype = _check_dtype(frames_dtype, _STORAGE_DTYPES, "frames_dtype")
+        self.frames_dtype = resolve_dtype(frames_dtype, STORAGE_DTYPES, "frames_dtype")
         self.batch_size = batch_size
 
-    def _engine(self, on_done: Callable[[_Job, str | None], None], log: Callable[[str], None] = lambda m: None) -> _Engine:
-        return _Engine(
-            self.model, self.what, self.clip_layers, self.frame_layers, self.frames_dtype, self.batch_size, on_done, log
+    @property
+    def request(self) -> Request:
+        """What the engine computes for every input."""
+        return Request(
+            clip_layers=tuple(self.clip_layers) if "clip" in self.what else None,
+            frame_layers=tuple(self.frame_layers) if "frames" in self.what else None,
+            frames_dtype=self.frames_dtype,
         )
+
+    def _engine(self, on_done: Callable[[Job, str | None], None], log: Callable[[str], None] = lambda m: None) -> Engine:
+        return Engine(self.model, self.request, self.batch_size, on_done, log)
 
     def embed(self, waveforms: Sequence[np.ndarray | torch.Tensor]) -> list[EmbedResult]:
         """Embed mono float waveforms at 16 kHz (each (N,), N >= 513 samples, +-1 full scale).
@@ -988,30 +472,7 @@ class Embedder:
             RuntimeError: the encoder failed (e.g. out of GPU memory with a batch of one chunk).
         """
         wavs = [audio.prepare_waveform(w, frontend.SAMPLE_RATE, f"waveform {i}") for i, w in enumerate(waveforms)]
-        errors: dict[int, str] = {}
-
-        def done(job: _Job, error: str | None) -> None:
-            if error:
-                errors[job.idx] = error
-
-        engine = self._engine(done)
-        spec = engine.plan_spec()
-        sinks = [_MemorySink() for _ in wavs]
-        order = sorted(range(len(wavs)), key=lambda i: wavs[i].shape[0])  # similar lengths share batches
-        group: list[_Piece] = []
-        for i in order:
-            piece = _whole_piece(i, wavs[i], spec, {"duration": wavs[i].shape[0] / frontend.SAMPLE_RATE,
-                                                     "sample_rate": frontend.SAMPLE_RATE, "channels": 1})
-            engine.start(piece, sinks[i])
-            group.append(piece)
-            if sum(len(p.chunks) for p in group) >= self.batch_size:
-                engine.add(group)
-                group = []
-        engine.add(group)
-        engine.flush()
-        if errors:
-            raise RuntimeError("; ".join(f"waveform {i}: {e}" for i, e in sorted(errors.items())))
-        return [s.result for s in sinks]
+        return run_waveforms(self.model, wavs, self.request, self.batch_size, label="waveform")
 
 
 # ============================================================================ folder runs
@@ -1155,7 +616,7 @@ def embed_folder(
     settings = _Settings(
         model=str(model.name), weights_sha256=sha, config=model.config.to_dict(), what=what,
         clip_layers=tuple(embedder.clip_layers), frame_layers=tuple(embedder.frame_layers),
-        compute_dtype=str(model.dtype).removeprefix("torch."), frames_dtype=str(embedder.frames_dtype).removeprefix("torch."),
+        compute_dtype=dtype_name(model.dtype), frames_dtype=dtype_name(embedder.frames_dtype),
     )
     out.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(_metadata(settings, hashed, os.fspath(input), stream_seconds), indent=2) + "\n"
@@ -1204,7 +665,7 @@ def _index_paths(path: Path) -> set[str]:
     return paths
 
 
-def _row(f: InputFile, status: str, key: str, info: _SourceInfo | None, n_frames: int | None, error: str | None) -> dict:
+def _row(f: InputFile, status: str, key: str, info: SourceInfo | None, n_frames: int | None, error: str | None) -> dict:
     return {
         "path": f.rel,
         "status": status,
@@ -1247,9 +708,9 @@ def _run(
     bar = tqdm(total=len(work), unit="file", disable=not progress, dynamic_ncols=True, smoothing=0.05)
     t0 = time.perf_counter()
 
-    def done(job: _Job, error: str | None) -> None:
+    def done(job: Job, error: str | None) -> None:
         f, info = work[job.idx], job.info
-        n_frames = engine.n_tokens(info) if error is None and engine.want_frames else None
+        n_frames = info.n_tokens if error is None and engine.want_frames else None
         row = _row(f, STATUS_FAILED if error else STATUS_OK, key, info, n_frames, error)
         rows[f.rel] = row
         log.write(json.dumps(row) + "\n")
@@ -1265,16 +726,16 @@ def _run(
         bar.set_postfix({"audio h/s": f"{rate:.3f}", "failed": summary.failed}, refresh=False)
 
     engine = embedder._engine(done, log=bar.write)
-    spec = engine.plan_spec()
-    frames_dtype = _numpy_dtype(embedder.frames_dtype)
+    spec = engine.plan
+    frames_dtype = numpy_dtype(embedder.frames_dtype)
 
-    def start(piece: _Piece) -> None:
+    def start(piece: Piece) -> None:
         try:
-            sink = _NpzSink(out / work[piece.idx].output, engine.n_tokens(piece.info), engine.frames_dim, frames_dtype)
+            sink = _NpzSink(out / work[piece.idx].output, piece.info.n_tokens, engine.frames_dim, frames_dtype)
         except OSError as e:
-            if _disk_full(e):
-                raise _DiskFull(e.errno, f"disk full while writing outputs ({e})") from e
-            done(_Job(piece.idx, piece.info, _MemorySink(), 0), f"cannot write the output: {e}")
+            if is_disk_full(e):
+                raise DiskFull(e.errno, f"disk full while writing outputs ({e})") from e
+            done(Job(piece.idx, piece.info, MemorySink(), 0), f"cannot write the output: {e}")
             return
         engine.start(piece, sink)
 
@@ -1287,7 +748,7 @@ def _run(
         prefetch_factor=8 if n_workers else None,
         in_order=False,  # a worker busy with a long file does not hold up the others
     )
-    pending: list[_Piece] = []
+    pending: list[Piece] = []
     device = engine.model.device
     try:
         for group in loader:
@@ -1296,7 +757,7 @@ def _run(
                     if item.idx in engine.jobs:
                         engine.fail(item.idx, item.error)
                     else:
-                        done(_Job(item.idx, None, _MemorySink(), 0), item.error)
+                        done(Job(item.idx, None, MemorySink(), 0), item.error)
                     continue
                 if item.info is not None:
                     start(item)
@@ -1306,7 +767,7 @@ def _run(
                 pending = []
         engine.add(pending)
         engine.flush()
-    except _DiskFull as e:
+    except DiskFull as e:
         summary.aborted = str(e)
     except KeyboardInterrupt:
         summary.aborted = "interrupted"
@@ -1355,7 +816,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_layers_arg, help="blocks for both clip and frames (all, last, or indices like 0,5,11)")
     p.add_argument("--clip-layers", type=_layers_arg, default="all", help="blocks of the clip vector (default all)")
     p.add_argument("--frame-layers", type=_layers_arg, default="last", help="blocks of the frame embeddings (default last)")
-    p.add_argument("--frames-dtype", choices=list(_STORAGE_DTYPES), default="float16", help="storage of frames (default float16)")
+    p.add_argument("--frames-dtype", choices=list(STORAGE_DTYPES), default="float16", help="storage of frames (default float16)")
     p.add_argument("--batch-size", type=int, help="chunks of up to 10 s per encoder pass (default 64 on CUDA, 16 on CPU)")
     p.add_argument("--workers", type=int, help="decoding processes (default min(8, CPUs - 1); 0 = none)")
     p.add_argument("--shard", metavar="i/N", help="embed only shard i of N (0-based), e.g. one per node")

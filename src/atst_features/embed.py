@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Sequence, Union
 
 import numpy as np
 import torch
 
-from . import frontend, pooling
+from . import frontend
 from .audio import load_audio, prepare_waveform
-from .dtypes import COMPUTE_DTYPES, resolve_dtype
+from .chunks import Request, encode_chunks, run_waveforms
+from .dtypes import resolve_dtype
 from .heads import ClassificationHead
-from .model import ATSTConfig, ATSTEncoder
+from .model import ATSTConfig, ATSTEncoder, Intermediates
 
 DEFAULT_MODEL = "atst-frame-base"
 
@@ -164,25 +164,26 @@ class ATSTModel:
         self.head = None if head is None else head.eval()
         self.source = source
         self.weights_sha256 = weights_sha256
-        self._forward = self.encoder  # the encoder, or its torch.compile'd form after compile()
+        self._forward = None  # the torch.compile'd encoder pass after compile(), else the eager one
 
     def compile(self, **kwargs) -> "ATSTModel":
-        """Run the encoder through ``torch.compile(encoder, dynamic=True, **kwargs)``; returns self.
+        """Run the encoder through ``torch.compile(encoder.forward_intermediates, dynamic=True, **kwargs)``; returns self.
 
         The first calls compile (tens of seconds; again for new batch shapes); results equal the
         eager encoder to float rounding. Worth it for long GPU jobs, not for a few clips.
         """
         kwargs.setdefault("dynamic", True)
-        self._forward = torch.compile(self.encoder, **kwargs)
+        self._forward = torch.compile(self.encoder.forward_intermediates, **kwargs)
         return self
 
-    def encode(self, mel: torch.Tensor, n_tokens: torch.Tensor | None, blocks: list[int]) -> torch.Tensor:
-        """The encoder pass (compiled after ``compile()``): ``ATSTEncoder.forward``.
+    def encode(self, mel: torch.Tensor, n_tokens: Sequence[int], blocks: list[int]) -> Intermediates:
+        """One encoder pass over a batch of chunks (compiled after ``compile()``): ``chunks.encode_chunks``.
 
-        mel (B, n_mels, T <= spec_w) on the model's device; n_tokens (B,) valid tokens, or ``None``
-        when no item is padded (the fused-attention path); returns (B, len(blocks), N, D).
+        mel (B, n_mels, T <= spec_w), zero-padded; n_tokens: valid tokens per chunk (the padding
+        mask is only built when some chunk is shorter than T // patch_w); returns
+        ``Intermediates`` (cls (B, L, D) or ``None``, tokens (B, L, P, D)).
         """
-        return self._forward(mel, n_tokens, blocks)
+        return encode_chunks(self.encoder, mel, n_tokens, blocks, self._forward)
 
     @property
     def config(self) -> ATSTConfig:
@@ -242,9 +243,9 @@ class ATSTModel:
             for ATST-Clip; (B, ...) for a 2-D input; a list for a list input.
         """
         wavs, layout, is_list = _flatten_inputs(audio, sample_rate)
-        blocks = resolve_layers(layers, self.config.depth)
-        clips, _ = self._embed(wavs, blocks, want_clip=True, want_frames=False, batch_size=batch_size)
-        return _regroup(clips, layout, is_list, torch.stack)
+        request = Request(clip_layers=tuple(resolve_layers(layers, self.config.depth)), frame_layers=None)
+        results = run_waveforms(self, wavs, request, check_batch_size(batch_size))
+        return _regroup([torch.from_numpy(r.clip) for r in results], layout, is_list, torch.stack)
 
     def embed_frames(
         self,
@@ -272,12 +273,12 @@ class ATSTModel:
             ``FrameEmbeddings`` with embeddings (T', L * D) float32 and timestamps (T',) seconds;
             for a 2-D input embeddings are (B, T', L * D); a list input gives a list.
         """
+        blocks = tuple(resolve_layers(layers, self.config.depth))
+        hop_tokens = None if hop_s is None else self._hop_tokens(hop_s)
         wavs, layout, is_list = _flatten_inputs(audio, sample_rate)
-        blocks = resolve_layers(layers, self.config.depth)
-        if hop_s is None:
-            _, frames = self._embed(wavs, blocks, want_clip=False, want_frames=True, batch_size=batch_size)
-        else:
-            frames = self._overlapping_frames(wavs, blocks, hop_s, batch_size)
+        request = Request(clip_layers=None, frame_layers=blocks, hop_tokens=hop_tokens)
+        results = run_waveforms(self, wavs, request, check_batch_size(batch_size))
+        frames = [FrameEmbeddings(torch.from_numpy(r.frames), torch.from_numpy(r.timestamps)) for r in results]
 
         def stack(items: list[FrameEmbeddings]) -> FrameEmbeddings:
             return FrameEmbeddings(torch.stack([f.embeddings for f in items]), items[0].timestamps)
@@ -296,87 +297,11 @@ class ATSTModel:
 
     # ---------------------------------------------------------------- internals
 
-    def _embed(self, wavs: list[torch.Tensor], blocks: list[int], want_clip: bool, want_frames: bool, batch_size: int):
-        mels, n_frames = self._log_mels(wavs, batch_size)
+    def _hop_tokens(self, hop_s) -> int:
+        """``embed_frames(hop_s=...)``: the hop between overlapping windows in whole tokens, checked."""
         cfg = self.config
-        clips = frames = None
-        if want_frames or (want_clip and not cfg.has_cls):
-            plan = [pooling.frame_chunks(i, int(n), cfg.spec_w, cfg.patch_w) for i, n in enumerate(n_frames)]
-            outs = self._encode(mels, plan, blocks, batch_size, keep_tokens=want_frames)
-            if want_frames:
-                frames = [self._frames(chunks, out) for chunks, out in zip(plan, outs)]
-            if want_clip and not cfg.has_cls:
-                clips = [pooling.frame_clip_vector([o["sum"] for o in out], chunks) for chunks, out in zip(plan, outs)]
-        if want_clip and cfg.has_cls:
-            plan = [pooling.clip_chunks(i, int(n), cfg.clip_chunk_frames, cfg.patch_w) for i, n in enumerate(n_frames)]
-            outs = self._encode(mels, plan, blocks, batch_size, keep_tokens=False)
-            clips = [
-                pooling.clip_clip_vector([o["cls"] for o in out], [o["sum"] for o in out], chunks)
-                for chunks, out in zip(plan, outs)
-            ]
-        return clips, frames
-
-    def _log_mels(self, wavs: list[torch.Tensor], batch_size: int) -> tuple[list[torch.Tensor], list[int]]:
-        """Per item (64, T) log-mel on the model's device, computed in length-sorted padded batches."""
-        check_batch_size(batch_size)
-        order = sorted(range(len(wavs)), key=lambda i: wavs[i].shape[0])
-        mels: list[torch.Tensor | None] = [None] * len(wavs)
-        n_frames = [0] * len(wavs)
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            lengths = torch.tensor([wavs[i].shape[0] for i in idx])
-            batch = torch.nn.utils.rnn.pad_sequence([wavs[i] for i in idx], batch_first=True).to(self.device)
-            mel, nf = frontend.log_mel(batch, lengths)
-            for j, i in enumerate(idx):
-                n_frames[i] = int(nf[j])
-                mels[i] = mel[j, :, : n_frames[i]]
-        return mels, n_frames
-
-    @torch.inference_mode()
-    def _encode(self, mels, plan: list[list[pooling.Chunk]], blocks: list[int], batch_size: int, keep_tokens: bool):
-        """Encode every chunk of ``plan`` in length-sorted batches; per chunk keep the normed
-        [CLS] output, the sum of the normed tokens and (if asked) the tokens, all float32 (L, ...)."""
-        cfg = self.config
-        chunks = sorted((c for item in plan for c in item), key=lambda c: -c.frames)
-        results: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        skip = int(cfg.has_cls)
-        for s in range(0, len(chunks), batch_size):
-            group = chunks[s : s + batch_size]
-            width = group[0].frames
-            mel = mels[0].new_zeros(len(group), cfg.n_mels, width)
-            for j, c in enumerate(group):
-                mel[j, :, : c.frames] = mels[c.item][:, c.start : c.start + c.frames]
-            n_tokens = torch.tensor([c.tokens for c in group], device=self.device)
-            padded = any(c.tokens < group[0].tokens for c in group)  # group[0] is the widest
-            out = self.encode(mel, n_tokens if padded else None, blocks).float()  # (b, L, N, D)
-            patches = out[:, :, skip:]  # (b, L, P, D)
-            valid = torch.arange(patches.shape[2], device=out.device)[None, :] < n_tokens[:, None]  # (b, P)
-            sums = (patches * valid[:, None, :, None]).sum(dim=2).cpu()  # (b, L, D): one copy per batch
-            cls = out[:, :, 0].cpu() if skip else None
-            tokens = patches.cpu() if keep_tokens else None
-            for j, c in enumerate(group):
-                r = {"sum": sums[j]}
-                if cls is not None:
-                    r["cls"] = cls[j]
-                if tokens is not None:
-                    r["tokens"] = tokens[j, :, : c.tokens]  # (L, tokens, D)
-                results[(c.item, c.index)] = r
-        return [[results[(c.item, c.index)] for c in item] for item in plan]
-
-    def _frames(self, chunks: list[pooling.Chunk], outs: list[dict]) -> FrameEmbeddings:
-        cfg = self.config
-        n_blocks = outs[0]["tokens"].shape[0] if outs else 0
-        if not outs:  # unreachable for inputs >= MIN_SAMPLES, kept for clarity
-            return FrameEmbeddings(torch.zeros(0, n_blocks * cfg.embed_dim), torch.zeros(0, dtype=torch.float64))
-        emb = torch.cat([o["tokens"] for o in outs], dim=1)  # (L, T', D)
-        emb = emb.permute(1, 0, 2).reshape(emb.shape[1], -1)  # (T', L * D), block-major features
-        return FrameEmbeddings(emb, pooling.token_times(chunks, cfg.patch_w))
-
-    def _overlapping_frames(self, wavs: list[torch.Tensor], blocks: list[int], hop_s, batch_size: int) -> list[FrameEmbeddings]:
-        """``embed_frames(hop_s=...)``: overlapping windows on one token grid (``pooling.frame_windows``)."""
-        cfg = self.config
-        token_s = cfg.patch_w * frontend.HOP_LENGTH / frontend.SAMPLE_RATE
-        window = cfg.spec_w // cfg.patch_w
+        token_s = cfg.patch_w / frontend.FRAMES_PER_S
+        window = cfg.max_tokens
         valid = isinstance(hop_s, (int, float, np.integer, np.floating)) and not isinstance(hop_s, bool)
         hop_tokens = round(float(hop_s) / token_s) if valid and np.isfinite(hop_s) else 0
         if not 1 <= hop_tokens <= window:
@@ -384,60 +309,4 @@ class ATSTModel:
                 f"hop_s must be a number of seconds between {token_s:g} and {window * token_s:g} (one token to one "
                 f"window), or None for the official non-overlapping chunks; got {hop_s!r}"
             )
-        mels, n_frames = self._log_mels(wavs, batch_size)
-        plan = [pooling.frame_windows(i, n, cfg.spec_w, cfg.patch_w, hop_tokens) for i, n in enumerate(n_frames)]
-        outs = self._encode(mels, plan, blocks, batch_size, keep_tokens=True)
-        frames = []
-        for windows, out, n in zip(plan, outs, n_frames):
-            n_tokens = n // cfg.patch_w
-            which, offset = pooling.central_window(windows, n_tokens, cfg.patch_w)
-            first = torch.tensor([0] + [w.tokens for w in windows[:-1]]).cumsum(0)  # (K,) start in the concatenation
-            tokens = torch.cat([o["tokens"] for o in out], dim=1)[:, first[which] + offset]  # (L, T', D)
-            emb = tokens.permute(1, 0, 2).reshape(n_tokens, -1)  # (T', L * D), block-major features
-            starts = cfg.patch_w * torch.arange(n_tokens, dtype=torch.float64)  # first mel frame of each token
-            frames.append(FrameEmbeddings(emb, starts * frontend.HOP_LENGTH / frontend.SAMPLE_RATE))
-        return frames
-
-
-@lru_cache(maxsize=4)
-def _cached_model(source: str, device: str) -> ATSTModel:
-    from .weights import load
-
-    return load(source, device=device)
-
-
-def _model_for(model: str | ATSTModel, device: str | None) -> ATSTModel:
-    if isinstance(model, ATSTModel):
-        return model
-    return _cached_model(str(model), str(device or "cpu"))
-
-
-def embed_clip(
-    audio: AudioInput | list,
-    sample_rate: float | None = None,
-    *,
-    model: str | ATSTModel = DEFAULT_MODEL,
-    device: str | None = None,
-    layers: Layers = "all",
-    batch_size: int = 16,
-):
-    """``ATSTModel.embed_clip`` with ``model`` (a name, directory or file, loaded once and cached; default
-    ``"atst-frame-base"``) on ``device`` (default CPU). Arguments and returns as ``ATSTModel.embed_clip``."""
-    return _model_for(model, device).embed_clip(audio, sample_rate, layers=layers, batch_size=batch_size)
-
-
-def embed_frames(
-    audio: AudioInput | list,
-    sample_rate: float | None = None,
-    *,
-    model: str | ATSTModel = DEFAULT_MODEL,
-    device: str | None = None,
-    layers: Layers = "all",
-    batch_size: int = 16,
-    hop_s: float | None = None,
-):
-    """``ATSTModel.embed_frames`` with ``model`` (a name, directory or file, loaded once and cached; default
-    ``"atst-frame-base"``) on ``device`` (default CPU). Arguments and returns as ``ATSTModel.embed_frames``."""
-    return _model_for(model, device).embed_frames(
-        audio, sample_rate, layers=layers, batch_size=batch_size, hop_s=hop_s
-    )
+        return hop_tokens

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 SAMPLE_RATE = 16000  # Hz; every ATST model is trained on 16 kHz mono
 N_FFT = 1024  # samples (64 ms)
@@ -30,6 +30,16 @@ TOP_DB = 80.0  # dB below each item's peak where the floor sits
 AMIN = 1e-10  # power floor before log10
 DB_MIN = -79.6482  # AudioSet statistics used by the official MinMax scaling
 DB_MAX = 50.6842
+
+
+
+def _exact_div(a: int, b: int) -> int:
+    if a % b:
+        raise ValueError(f"{a} is not a multiple of {b}")
+    return a // b
+
+
+FRAMES_PER_S = _exact_div(SAMPLE_RATE, HOP_LENGTH)  # 100 mel frames per second
 
 #: The shortest waveform the front end takes: the reflect padding of ``N_FFT // 2`` samples
 #: on each side needs more samples than it pads (the official code raises below this).
@@ -92,16 +102,70 @@ def mel_db(padded: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))  # (B, N_MELS, T)
 
 
+def sample_range(first_frame: int, n_frames: int) -> tuple[int, int]:
+    """Samples [lo, hi) that mel frames [first_frame, first_frame + n_frames) are computed from.
+
+    Frame f is centred at sample f * HOP_LENGTH and spans N_FFT samples, so the range is
+    N_FFT // 2 samples wider than the frame centres on each side (lo < 0 or hi > N at the edges,
+    where the front end reflects). hi - lo = HOP_LENGTH * (n_frames - 1) + N_FFT.
+    """
+    half = N_FFT // 2
+    return first_frame * HOP_LENGTH - half, (first_frame + n_frames - 1) * HOP_LENGTH + half
+
+
+def reflect_indices(lo: int, hi: int, n_total: int | None) -> np.ndarray:
+    """The reflect-pad rule (``center=True``): indices [lo, hi) of the padded waveform mapped into
+    [0, n_total) (sample -i is sample i; sample N - 1 + i is sample N - 1 - i). ``n_total=None``:
+    the right edge is not reached yet (a stream whose length is unknown)."""
+    idx = np.abs(np.arange(lo, hi, dtype=np.int64))
+    if n_total is not None:
+        over = idx >= n_total
+        idx[over] = 2 * (n_total - 1) - idx[over]
+    return idx
+
+
+def frame_segment(waveform: torch.Tensor, first_frame: int, n_frames: int) -> torch.Tensor:
+    """The samples (reflected at the edges) that frames [first_frame, first_frame + n_frames) of a
+    whole (N,) waveform are computed from: (HOP_LENGTH * (n_frames - 1) + N_FFT,)."""
+    idx = reflect_indices(*sample_range(first_frame, n_frames), waveform.shape[0])
+    return waveform[torch.from_numpy(idx).to(waveform.device)]
+
+
 def normalise(db: torch.Tensor, peak_db: torch.Tensor) -> torch.Tensor:
     """Floor at each item's peak - TOP_DB, then the official min-max scaling: (B, N_MELS, T) dB, (B,) peaks."""
     db = torch.maximum(db, peak_db[:, None, None] - TOP_DB)
     return (db - DB_MIN) / (DB_MAX - DB_MIN) * 2.0 - 1.0
 
 
-def peak_db(db: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
+def peak_db_of(db: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
     """Each item's loudest mel bin in dB over its first ``n_frames`` frames: (B, N_MELS, T), (B,) -> (B,)."""
     valid = torch.arange(db.shape[-1], device=db.device)[None, :] < n_frames.to(db.device)[:, None]  # (B, T)
     return db.masked_fill(~valid[:, None, :], -math.inf).amax(dim=(1, 2))
+
+
+def log_mel_segments(
+    segments: torch.Tensor, n_frames: torch.Tensor, peak_db: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Normalised log-mel of frame segments (``frame_segment`` / ``sample_range``), batched.
+
+    Args:
+        segments: (B, S) samples holding each item's frames with their STFT context, zero-padded
+            on the right.
+        n_frames: (B,) mel frames per item.
+        peak_db: (B,) the loudest dB the 80 dB floor is taken from (a window of a longer file
+            uses the whole file's), NaN or ``None`` for an item's own frames.
+
+    Returns:
+        (B, N_MELS, T) float32; frames past an item's own count are zero.
+    """
+    db = mel_db(segments)  # (B, N_MELS, T)
+    n_frames = n_frames.to(db.device)
+    peak = peak_db_of(db, n_frames)
+    if peak_db is not None:
+        given = peak_db.to(device=db.device, dtype=peak.dtype)
+        peak = torch.where(torch.isnan(given), peak, given)
+    valid = torch.arange(db.shape[-1], device=db.device)[None, :] < n_frames[:, None]  # (B, T)
+    return normalise(db, peak).masked_fill(~valid[:, None, :], 0.0)
 
 
 def log_mel(waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,16 +190,13 @@ def log_mel(waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tup
     if min(lengths_list, default=MIN_SAMPLES) < MIN_SAMPLES:
         raise ValueError(f"every waveform needs at least {MIN_SAMPLES} samples, got lengths {lengths_list}")
 
-    # center=True, one item at a time: reflect-pad each item's own samples, then zero-pad to one width.
-    pad = N_FFT // 2
-    if all(n == width for n in lengths_list):
-        padded = F.pad(waveforms[:, None, :], (pad, pad), mode="reflect")[:, 0]
-    else:
-        padded = waveforms.new_zeros(batch, width + 2 * pad)
-        for i, n in enumerate(lengths_list):
-            padded[i, : n + 2 * pad] = F.pad(waveforms[i : i + 1, None, :n], (pad, pad), mode="reflect")[0, 0]
-    db = mel_db(padded)  # (B, N_MELS, T)
+    # center=True, one item at a time: each item's own samples reflected at its edges (the one
+    # reflect rule, ``frame_segment``), zero-padded to one width.
     n_frames = torch.tensor([num_frames(n) for n in lengths_list], dtype=torch.long)
-    out = normalise(db, peak_db(db, n_frames))
-    valid = torch.arange(db.shape[-1], device=db.device)[None, :] < n_frames.to(db.device)[:, None]  # (B, T)
-    return out.masked_fill(~valid[:, None, :], 0.0), n_frames
+    if all(n == width for n in lengths_list):
+        idx = reflect_indices(*sample_range(0, int(n_frames[0])), width)
+        padded = waveforms[:, torch.from_numpy(idx).to(waveforms.device)]
+    else:
+        segments = [frame_segment(waveforms[i, :n], 0, int(f)) for i, (n, f) in enumerate(zip(lengths_list, n_frames))]
+        padded = torch.nn.utils.rnn.pad_sequence(segments, batch_first=True)
+    return log_mel_segments(padded, n_frames), n_frames

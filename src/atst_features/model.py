@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -151,11 +151,18 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class Intermediates(NamedTuple):
+    """Normed outputs of selected blocks: ``cls`` (B, L, D) or ``None`` (ATST-Frame), ``tokens`` (B, L, P, D)."""
+
+    cls: torch.Tensor | None
+    tokens: torch.Tensor
+
+
 class ATSTEncoder(nn.Module):
     """ATST-Clip / ATST-Frame encoder.
 
-    ``forward(mel, n_frames)`` returns the final-normed output of the selected blocks, which is
-    what every official embedding is made of.
+    ``forward_intermediates(mel, n_tokens, blocks)`` returns the final-normed outputs of the
+    selected blocks, [CLS] and patch tokens apart: what every official embedding is made of.
     """
 
     def __init__(self, cfg: ATSTConfig):
@@ -207,14 +214,14 @@ class ATSTEncoder(nn.Module):
             x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + P, D)
         return x
 
-    def forward(
+    def forward_intermediates(
         self,
         mel: torch.Tensor,
         n_tokens: torch.Tensor | None = None,
         blocks: list[int] | None = None,
         token_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Normed outputs of the selected blocks.
+    ) -> Intermediates:
+        """Normed outputs of the selected blocks, [CLS] and patch tokens apart.
 
         Args:
             mel: (B, n_mels, T) normalised log-mel, T <= spec_w.
@@ -224,9 +231,12 @@ class ATSTEncoder(nn.Module):
             token_mask: (B, P) bool, patches to replace by ``mask_embed`` (training).
 
         Returns:
-            (B, len(blocks), N, D) with N = P (+1 for the [CLS] token of ATST-Clip, at index 0).
+            ``Intermediates(cls, tokens)``: cls (B, L, D) for ATST-Clip (``None`` for ATST-Frame),
+            tokens (B, L, P, D), with L = len(blocks).
         """
         blocks = [self.cfg.depth - 1] if blocks is None else blocks
+        if not blocks or min(blocks) < 0 or max(blocks) >= self.cfg.depth:
+            raise ValueError(f"blocks must be 0-based indices below {self.cfg.depth}, got {blocks}")
         x = self.embed_tokens(mel, token_mask)  # (B, N, D)
         bias = None  # no padding: SDPA may use its fused kernels
         if n_tokens is not None:
@@ -234,8 +244,6 @@ class ATSTEncoder(nn.Module):
             pad = torch.arange(x.shape[1], device=x.device)[None, :] >= keys[:, None]  # (B, N)
             bias = torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(pad, MASK_BIAS)
             bias = bias[:, None, None, :]  # (B, 1, 1, N)
-        if not blocks or min(blocks) < 0 or max(blocks) >= self.cfg.depth:
-            raise ValueError(f"blocks must be 0-based indices below {self.cfg.depth}, got {blocks}")
         normed: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks[: max(blocks) + 1]):
             if self.gradient_checkpointing and self.training:
@@ -244,4 +252,20 @@ class ATSTEncoder(nn.Module):
                 x = block(x, bias)
             if i in blocks:
                 normed[i] = self.norm(x)
-        return torch.stack([normed[b] for b in blocks], dim=1)  # (B, L, N, D)
+        out = torch.stack([normed[b] for b in blocks], dim=1)  # (B, L, N, D)
+        if self.cls_token is None:
+            return Intermediates(None, out)
+        return Intermediates(out[:, :, 0], out[:, :, 1:])
+
+    def forward(
+        self,
+        mel: torch.Tensor,
+        n_tokens: torch.Tensor | None = None,
+        blocks: list[int] | None = None,
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The selected blocks' normed outputs in one tensor: (B, L, N, D), N = P (+1 for the
+        [CLS] token of ATST-Clip, at index 0). Arguments as ``forward_intermediates``, which the
+        package itself uses."""
+        cls, tokens = self.forward_intermediates(mel, n_tokens, blocks, token_mask)
+        return tokens if cls is None else torch.cat([cls[:, :, None], tokens], dim=2)

@@ -2,12 +2,12 @@
 
 Units: mel frames (10 ms each) for lengths, tokens (4 frames = 40 ms) for the encoder's outputs.
 
-ATST-Frame (``frame_chunks`` + ``frame_clip_vector``): the mel is cut into chunks of 1001 frames
+ATST-Frame (``frame_chunks`` + ``pool_clip_vectors``): the mel is cut into chunks of 1001 frames
 (10.01 s, the positional table's length), each encoded alone; a chunk gives floor(frames / 4)
 tokens, so one frame per full chunk is dropped. The clip vector is, per block, the sum of the
 chunk's normed tokens divided by (tokens + 1e-6), then the plain mean over chunks.
 
-ATST-Clip (``clip_chunks`` + ``clip_clip_vector``): chunks of 601 frames (6.01 s) starting at
+ATST-Clip (``clip_chunks`` + ``pool_clip_vectors``): chunks of 601 frames (6.01 s) starting at
 0, 601, ...; chunk j "remains" r_j = L - 601 j frames. Chunk 0 always counts; a later chunk counts
 only when r_j > 300. Per block: the normed [CLS] output, and the sum of the normed patch tokens
 divided by (floor(r_j / 4) + 1e-6) -- for every chunk but the last this divisor is larger than
@@ -20,11 +20,11 @@ frames) is skipped, where the official ATST-Frame code averages a zero vector in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .frontend import HOP_LENGTH, SAMPLE_RATE
+from .frontend import FRAMES_PER_S
 
 POOL_EPS = 1e-6  # added to every pooling divisor, as the official code does
 
@@ -34,7 +34,9 @@ class Chunk:
     """One encoder pass over frames [start, start + frames) of item ``item``.
 
     ``divisor_tokens`` is the token count the pooled average divides by (the official quirk for
-    ATST-Clip; the chunk's own token count otherwise).
+    ATST-Clip; the chunk's own token count otherwise). ``keep`` is the range [lo, hi) of the
+    chunk's tokens that are frame embeddings of the item (all of them, except for overlapping
+    windows, where each token is kept from one window only).
     """
 
     item: int
@@ -43,6 +45,17 @@ class Chunk:
     frames: int
     tokens: int
     divisor_tokens: int
+    keep: tuple[int, int] | None = None
+
+    @property
+    def kept(self) -> tuple[int, int]:
+        """[lo, hi) of the tokens kept as frame embeddings."""
+        return self.keep if self.keep is not None else (0, self.tokens)
+
+    @property
+    def n_kept(self) -> int:
+        lo, hi = self.kept
+        return hi - lo
 
 
 def frame_chunks(item: int, n_frames: int, chunk_frames: int, patch_w: int) -> list[Chunk]:
@@ -70,28 +83,51 @@ def clip_chunks(item: int, n_frames: int, chunk_frames: int, patch_w: int) -> li
 
 
 def token_times(chunks: list[Chunk], patch_w: int) -> torch.Tensor:
-    """(T',) float64 seconds: the start of each token of ``chunks`` in order, i.e. the centre of the
-    first of its mel frames (token k of a chunk starting at frame s: frame s + patch_w * k)."""
-    frames = [c.start + patch_w * torch.arange(c.tokens, dtype=torch.float64) for c in chunks]
-    return (torch.cat(frames) if frames else torch.zeros(0, dtype=torch.float64)) * HOP_LENGTH / SAMPLE_RATE
+    """(T',) float64 seconds: the start of each kept token of ``chunks`` in order, i.e. the centre
+    of the first of its mel frames (token k of a chunk starting at frame s: frame s + patch_w * k)."""
+    frames = [c.start + patch_w * torch.arange(*c.kept, dtype=torch.float64) for c in chunks]
+    return (torch.cat(frames) if frames else torch.zeros(0, dtype=torch.float64)) / FRAMES_PER_S
 
 
-def token_mean(token_sum: torch.Tensor, chunk: Chunk) -> torch.Tensor:
-    """The official per-chunk average: sum of normed tokens / (divisor tokens + 1e-6); (L, D) in, (L, D) out."""
-    return token_sum / (chunk.divisor_tokens + POOL_EPS)
+# ---------------------------------------------------------------------------- official pooling
 
 
-def frame_clip_vector(token_sums: list[torch.Tensor], chunks: list[Chunk]) -> torch.Tensor:
-    """ATST-Frame clip vector from per-chunk token sums (each (L, D)): (L * D,), blocks in order."""
-    means = torch.stack([token_mean(s, c) for s, c in zip(token_sums, chunks)])  # (C, L, D)
-    return means.mean(dim=0).flatten()
+def masked_token_sum(tokens: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Sum of each chunk's valid tokens in float32: tokens (C, L, P, D), n_tokens (C,) -> (C, L, D)."""
+    valid = torch.arange(tokens.shape[2], device=tokens.device)[None, :] < n_tokens.to(tokens.device)[:, None]  # (C, P)
+    return (tokens * valid[:, None, :, None].to(tokens.dtype)).sum(dim=2, dtype=torch.float32)
 
 
-def clip_clip_vector(cls: list[torch.Tensor], token_sums: list[torch.Tensor], chunks: list[Chunk]) -> torch.Tensor:
-    """ATST-Clip clip vector from per-chunk [CLS] outputs and token sums (each (L, D)): (2 * L * D,)."""
-    cls_mean = torch.stack(cls).mean(dim=0)  # (L, D)
-    avg_mean = torch.stack([token_mean(s, c) for s, c in zip(token_sums, chunks)]).mean(dim=0)  # (L, D)
-    return torch.cat([cls_mean.flatten(), avg_mean.flatten()])
+def pool_clip_vectors(
+    chunks: list[Chunk], token_sums: torch.Tensor, cls: torch.Tensor | None = None, items: list[int] | None = None
+) -> torch.Tensor:
+    """The official clip vectors of items from their chunks' outputs; works with and without gradients.
+
+    Args:
+        chunks: the counted chunks (``frame_chunks`` or ``clip_chunks``), any items, any order.
+        token_sums: (C, L, D) sum of each chunk's normed patch tokens (``masked_token_sum``).
+        cls: (C, L, D) each chunk's normed [CLS] output (ATST-Clip), or ``None`` (ATST-Frame).
+        items: the items to pool, in output order (default 0 .. the largest ``chunk.item``).
+
+    Returns:
+        (len(items), L * D) for ATST-Frame, (len(items), 2 * L * D) = [cls of each block | avg of each
+        block] for ATST-Clip: per block the mean over an item's chunks of sum / (divisor + 1e-6)
+        (and of the [CLS] outputs), blocks in order.
+    """
+    device = token_sums.device
+    items = list(range(max(c.item for c in chunks) + 1)) if items is None else items
+    row = {item: r for r, item in enumerate(items)}
+    n_items = len(items)
+    items = torch.tensor([row[c.item] for c in chunks], device=device)
+    divisor = torch.tensor([c.divisor_tokens + POOL_EPS for c in chunks], dtype=torch.float32, device=device)
+    count = torch.bincount(items, minlength=n_items).clamp(min=1).to(torch.float32)[:, None, None]  # (n_items, 1, 1)
+    avg = token_sums.float() / divisor[:, None, None]  # (C, L, D): the official per-chunk average
+    shape = (n_items, *token_sums.shape[1:])
+    pooled = token_sums.new_zeros(shape, dtype=torch.float32).index_add(0, items, avg) / count  # (n_items, L, D)
+    if cls is None:
+        return pooled.flatten(1)
+    cls_mean = cls.new_zeros(shape, dtype=torch.float32).index_add(0, items, cls.float()) / count
+    return torch.cat([cls_mean.flatten(1), pooled.flatten(1)], dim=1)
 
 
 # ---------------------------------------------------------------------------- overlapping frame windows
@@ -104,14 +140,26 @@ def clip_clip_vector(cls: list[torch.Tensor], token_sums: list[torch.Tensor], ch
 def frame_windows(item: int, n_frames: int, window_frames: int, patch_w: int, hop_tokens: int) -> list[Chunk]:
     """Overlapping ATST-Frame windows of an item of ``n_frames`` mel frames, ``hop_tokens`` tokens apart.
 
-    A clip of at most one window (``window_frames // patch_w`` tokens) gets the single chunk
-    ``frame_chunks`` gives it, so the result equals the default chunking there.
+    Each window keeps (``Chunk.keep``) the tokens for which it is the central window
+    (``central_window``); windows that keep none are dropped. A clip of at most one window
+    (``window_frames // patch_w`` tokens) gets the single chunk ``frame_chunks`` gives it, so the
+    result equals the default chunking there.
     """
     n_tokens, window = n_frames // patch_w, window_frames // patch_w
     if n_tokens <= window:
         return [Chunk(item, 0, 0, min(n_frames, window_frames), n_tokens, n_tokens)]
     starts = list(range(0, n_tokens - window, hop_tokens)) + [n_tokens - window]  # in tokens
-    return [Chunk(item, k, s * patch_w, window * patch_w, window, window) for k, s in enumerate(starts)]
+    windows = [Chunk(item, k, s * patch_w, window * patch_w, window, window) for k, s in enumerate(starts)]
+    which, offset = central_window(windows, n_tokens, patch_w)
+    out = []
+    for k, w in enumerate(windows):
+        kept = offset[which == k]
+        if kept.numel():
+            lo, hi = int(kept.min()), int(kept.max()) + 1
+            if hi - lo != kept.numel():  # central windows are monotone in time, so each keeps a run
+                raise AssertionError("a window keeps tokens that are not contiguous")
+            out.append(replace(w, keep=(lo, hi)))
+    return out
 
 
 def central_window(windows: list[Chunk], n_tokens: int, patch_w: int) -> tuple[torch.Tensor, torch.Tensor]:

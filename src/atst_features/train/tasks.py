@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import frontend, pooling
+from ..chunks import encode_chunks, gather
 from ..model import ATSTConfig, ATSTEncoder
 from . import augment
 from .config import TrainConfig
@@ -93,27 +94,11 @@ def pooled_features(encoder: ATSTEncoder, mel: torch.Tensor, n_frames: torch.Ten
             plan += pooling.clip_chunks(i, int(n), cfg.clip_chunk_frames, cfg.patch_w)
         else:
             plan += pooling.frame_chunks(i, int(n), cfg.spec_w, cfg.patch_w)
-    width = max(c.frames for c in plan)
-    if len(plan) == mel.shape[0] and all(c.start == 0 and c.item == j for j, c in enumerate(plan)):
-        x = mel[:, :, :width]  # one chunk per item: no copy
-    else:
-        x = mel.new_zeros(len(plan), mel.shape[1], width)
-        for j, c in enumerate(plan):
-            x[j, :, : c.frames] = mel[c.item, :, c.start : c.start + c.frames]
-    n_tokens = torch.tensor([c.tokens for c in plan])
-    h = encoder(x, n_tokens)[:, 0].float()  # (C, N, D)
-    skip = int(cfg.has_cls)
-    tokens = h[:, skip:]  # (C, P, D)
-    valid = torch.arange(tokens.shape[1], device=h.device)[None, :] < n_tokens.to(h.device)[:, None]
-    divisor = torch.tensor([c.divisor_tokens + pooling.POOL_EPS for c in plan], device=h.device)
-    avg = (tokens * valid[..., None]).sum(dim=1) / divisor[:, None]  # (C, D)
-    items = torch.tensor([c.item for c in plan], device=h.device)
-    count = torch.bincount(items, minlength=mel.shape[0]).clamp(min=1)[:, None].float()
-    pooled = h.new_zeros(mel.shape[0], h.shape[-1]).index_add(0, items, avg) / count
-    if skip:
-        cls = h.new_zeros(mel.shape[0], h.shape[-1]).index_add(0, items, h[:, 0]) / count
-        pooled = torch.cat([cls, pooled], dim=-1)
-    return pooled
+    n_tokens = [c.tokens for c in plan]
+    out = encode_chunks(encoder, gather(mel, plan), n_tokens, [cfg.depth - 1])
+    sums = pooling.masked_token_sum(out.tokens, torch.tensor(n_tokens))  # (C, 1, D) float32
+    cls = None if out.cls is None else out.cls.float()
+    return pooling.pool_clip_vectors(plan, sums, cls, items=list(range(mel.shape[0])))  # (B, [2] D)
 
 
 def layer_scale(name: str, depth: int, decay: float) -> float:
@@ -237,8 +222,8 @@ class BYOLNetwork(nn.Module):
 
         ``select`` (B, P) bool picks frames (M = its count); without it the [CLS] output is used (M = B).
         """
-        h = self.encoder(mel, n_tokens, token_mask=token_mask)[:, 0]  # (B, N, D)
-        feats = h[:, 0] if select is None else h[select]
+        out = self.encoder.forward_intermediates(mel, n_tokens, token_mask=token_mask)  # the last block
+        feats = out.cls[:, 0] if select is None else out.tokens[:, 0][select]  # (M, D)
         z = self.projector(feats)
         if self.predictor is not None:
             z = self.predictor(z)
