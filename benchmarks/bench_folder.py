@@ -27,7 +27,7 @@ import soundfile as sf
 import torch
 
 from atst_features import audio, batch, weights
-from atst_features.embed import resolve_dtype
+from atst_features.dtypes import COMPUTE_DTYPES, resolve_dtype
 from atst_features.model import ATSTConfig, ATSTEncoder
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--sample-rate", type=int, default=16000)
     p.add_argument("--format", default="wav", choices=["wav", "flac", "ogg"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES))
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16, help="chunks per encoder pass")
     p.add_argument("--model", help="a model name or directory (default: random weights of the geometry below)")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
+import io
 import json
 import signal
 import subprocess
@@ -18,7 +18,8 @@ import soundfile as sf
 import torch
 
 import atst_features as af
-from atst_features import batch, frontend, weights
+from atst_features import audio, batch, cli, frontend, pieces, weights
+from atst_features.train import data as train_data
 
 FAMILIES = ("frame", "clip")
 AUDIO = {  # relative path -> (seconds, sample rate, channels, soundfile subtype)
@@ -74,11 +75,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _cli(argv: list[str]) -> int:
-    """Run the ``embed`` subcommand through its argparse layer."""
-    parser = argparse.ArgumentParser(prog="atst-features")
-    batch.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["embed", *argv])
-    return args.func(args)
+    """Run ``atst-features embed ARGV`` through the command line's argparse layer."""
+    return cli.main(["embed", *argv])
 
 
 def _mtimes(out: Path) -> dict[str, int]:
@@ -125,7 +123,7 @@ def test_outputs_equal_the_in_memory_api(family, model_dirs, models, corpus, tmp
     assert not list(out.rglob("*.partial"))
 
     meta = json.loads((out / batch.METADATA_NAME).read_text())
-    assert meta["model"] == str(model_dirs[family])
+    assert meta["model"] == str(model_dirs[family]) and meta["source"] == str(model_dirs[family])
     assert meta["weights_sha256"] == weights.sha256_file(model_dirs[family] / weights.WEIGHTS_NAME)
     assert (meta["clip_layers"], meta["frame_layers"]) == ([0, 1], [1, 0])
     assert meta["compute_dtype"] == "float32" and meta["package_version"] == af.__version__
@@ -197,8 +195,8 @@ def test_killed_run_leaves_complete_outputs_and_resumes(model_dirs, tmp_path):
     runner = tmp_path / "runner.py"
     runner.write_text(textwrap.dedent(
         """
-        import argparse, sys, time
-        from atst_features import batch
+        import sys, time
+        from atst_features import cli
         from atst_features.model import ATSTEncoder
 
         forward = ATSTEncoder.forward_intermediates
@@ -207,10 +205,7 @@ def test_killed_run_leaves_complete_outputs_and_resumes(model_dirs, tmp_path):
             return forward(self, *args, **kwargs)
         ATSTEncoder.forward_intermediates = slow_forward
 
-        parser = argparse.ArgumentParser()
-        batch.add_parser(parser.add_subparsers())
-        args = parser.parse_args(["embed", *sys.argv[1:]])
-        sys.exit(args.func(args))
+        sys.exit(cli.main(["embed", *sys.argv[1:]]))
         """
     ))
     argv = [str(src), "--out", str(out), "--model", str(model_dirs["frame"]), "--batch-size", "1", "--workers", "1",
@@ -241,7 +236,7 @@ def test_killed_run_leaves_complete_outputs_and_resumes(model_dirs, tmp_path):
 
 def test_full_disk_stops_the_run_and_a_rerun_completes(model_dirs, corpus, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_write = batch._NpzSink.write_frames
+    real_write = batch.NpzSink.write_frames  # the folder run's writer: every frame row goes through it
     calls = []
 
     def failing_write(self, rows):
@@ -250,13 +245,13 @@ def test_full_disk_stops_the_run_and_a_rerun_completes(model_dirs, corpus, tmp_p
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, rows)
 
-    monkeypatch.setattr(batch._NpzSink, "write_frames", failing_write)
+    monkeypatch.setattr(batch.NpzSink, "write_frames", failing_write)
     summary = batch.embed_folder(corpus, out, model=model_dirs["frame"], workers=0, batch_size=1)
     assert summary.aborted and "disk full" in summary.aborted and summary.exit_status == 1
     assert summary.ok < len(AUDIO) and not list(out.rglob("*.partial"))
     for path in out.rglob("*.npz"):
         np.load(path)["frames"]
-    monkeypatch.setattr(batch._NpzSink, "write_frames", real_write)
+    monkeypatch.setattr(batch.NpzSink, "write_frames", real_write)
     rerun = batch.embed_folder(corpus, out, model=model_dirs["frame"], workers=0)
     assert rerun.ok + rerun.skipped == len(AUDIO) and rerun.skipped == summary.ok and rerun.aborted is None
 
@@ -276,21 +271,27 @@ def _long_corpus(root: Path) -> Path:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_long_files_equal_the_whole_file_api(family, model_dirs, models, tmp_path, monkeypatch):
-    monkeypatch.setattr(batch, "_BLOCK_FRAMES", 30000)  # many decode blocks per window
-    src = _long_corpus(tmp_path / "long")
-    streamed = []
-    real = batch._streamed_pieces
+    blocks, streamed = [], []
+    real_blocks, real_pieces = audio.stream_blocks, pieces.streamed_pieces
+
+    def small_blocks(path, block_frames=audio.STREAM_BLOCK_FRAMES):  # many decode blocks per window
+        for block in real_blocks(path, 30000):
+            blocks.append(block.shape[0])
+            yield block
 
     def spy(*args, **kwargs):
-        for piece in real(*args, **kwargs):
+        for piece in real_pieces(*args, **kwargs):
             streamed.append(piece.idx)
             yield piece
 
-    monkeypatch.setattr(batch, "_streamed_pieces", spy)
+    monkeypatch.setattr(audio, "stream_blocks", small_blocks)  # workers=0: the run decodes in this process
+    monkeypatch.setattr(pieces, "streamed_pieces", spy)
+    src = _long_corpus(tmp_path / "long")
     out = tmp_path / "out"
     summary = batch.embed_folder(src, out, model=model_dirs[family], workers=0, frames_dtype="float32",
                                  frame_layers="all", stream_seconds=5.0, window_chunks=1)
     assert summary.ok == 3 and len(streamed) >= 8  # every file came in several windows
+    assert len(blocks) > 2 * len(streamed)  # ... each window from several blocks (two passes)
     model = models[family]
     for path in sorted(src.iterdir()):
         z = np.load(out / f"{path.name}.npz")
@@ -301,20 +302,23 @@ def test_streamed_long_files_equal_the_whole_file_api(family, model_dirs, models
 
 
 def test_window_log_mel_equals_the_whole_file_front_end():
+    """Windows of a file (``frontend.frame_segment``), normalised with the whole file's peak by
+    ``frontend.log_mel_segments``, put together equal ``frontend.log_mel`` of the whole file."""
     rng = np.random.default_rng(3)
     wav = (rng.standard_normal(16000 * 25 + 77) * 0.01).astype(np.float32)
     wav[16000 * 12 : 16000 * 13] *= 100
     ref, n = frontend.log_mel(torch.from_numpy(wav)[None])
-    total, n_samples = int(n[0]), wav.shape[0]
-    whole = wav[batch._reflect_indices(*batch._sample_range(0, total), n_samples)]
-    peak = float(frontend.mel_db(torch.from_numpy(whole)[None]).max())
+    total, x = int(n[0]), torch.from_numpy(wav)
+    whole = frontend.frame_segment(x, 0, total)
+    peak = float(frontend.mel_db(whole[None]).max())
     starts = list(range(0, total, 1001))
-    segments = [torch.from_numpy(wav[batch._reflect_indices(*batch._sample_range(s, min(1001, total - s)), n_samples)])
-                for s in starts]
-    mels = batch.window_log_mel(segments, [min(1001, total - s) for s in starts], [peak] * len(starts))
-    torch.testing.assert_close(torch.cat(mels, dim=1), ref[0], atol=1e-5, rtol=0)
-    alone = batch.window_log_mel([torch.from_numpy(whole)], [total], [None])[0]  # a whole file: its own peak
-    torch.testing.assert_close(alone, ref[0], atol=1e-5, rtol=0)
+    counts = [min(1001, total - s) for s in starts]
+    segments = torch.nn.utils.rnn.pad_sequence([frontend.frame_segment(x, s, c) for s, c in zip(starts, counts)], batch_first=True)
+    mels = frontend.log_mel_segments(segments, torch.tensor(counts), torch.full((len(starts),), peak))
+    torch.testing.assert_close(torch.cat([m[:, :c] for m, c in zip(mels, counts)], dim=1), ref[0], atol=1e-5, rtol=0)
+    for own_peak in (None, torch.tensor([float("nan")])):  # a whole file: its own peak
+        alone = frontend.log_mel_segments(whole[None], torch.tensor([total]), own_peak)[0]
+        torch.testing.assert_close(alone, ref[0], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------- inputs and shards
@@ -338,6 +342,48 @@ def test_find_inputs_folder_list_and_file(corpus, tmp_path):
         batch.find_inputs(corpus / "sub/cover.jpg")
     with pytest.raises(FileNotFoundError):
         batch.find_inputs(tmp_path / "nothing")
+
+
+def test_one_discovery_rule_for_folder_runs_and_training(corpus):
+    assert batch.AUDIO_EXTENSIONS is audio.AUDIO_EXTENSIONS and batch.is_audio_path is audio.is_audio_path
+    assert {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".caf", ".w64", ".rf64"} <= audio.AUDIO_EXTENSIONS
+    assert audio.is_audio_path("X.WAV") and not audio.is_audio_path("._x.wav") and not audio.is_audio_path("a.txt")
+    listed = {p.relative_to(corpus).as_posix() for p in train_data.list_audio(corpus)}
+    assert listed == {f.rel for f in batch.find_inputs(corpus)[0]} == set(AUDIO) | set(BAD)  # no hidden files
+
+
+def test_one_decoder_for_paths_bytes_and_file_objects(corpus):
+    path = corpus / "sub/b.wav"
+    wav, sr = audio.read_audio(path)
+    assert wav.dtype == np.float32 and wav.ndim == 1 and sr == 44100
+    for source in (path.read_bytes(), io.BytesIO(path.read_bytes()), str(path)):
+        got, got_sr = audio.read_audio(source)
+        np.testing.assert_array_equal(got, wav)
+        assert got_sr == sr
+    np.testing.assert_array_equal(audio.load_audio(path.read_bytes()), audio.load_audio(path))
+    info = audio.audio_info(path.read_bytes())
+    assert (info.sample_rate, info.channels) == (44100, 2) and info.duration == pytest.approx(12.5)
+    for source in (corpus / "corrupt.wav", BAD["corrupt.wav"], io.BytesIO(b""), corpus / "empty.flac"):
+        with pytest.raises(ValueError, match="cannot decode .* as audio"):
+            audio.read_audio(source)
+    with pytest.raises(FileNotFoundError, match="no audio file"):
+        audio.audio_info(corpus / "missing.wav")
+
+
+def test_weights_hash_is_the_loaders_or_the_state_dicts(model_dirs, models):
+    sha, hashed = batch.weights_sha256(models["frame"])
+    assert (sha, hashed) == (weights.sha256_file(model_dirs["frame"] / weights.WEIGHTS_NAME), "weights file")
+    encoder = models["frame"].encoder
+    built = [weights.build(models["frame"].config, encoder.state_dict()) for _ in range(2)]  # in memory: no weights file
+    assert built[0].weights_sha256 is None
+    sha, hashed = batch.weights_sha256(built[0])
+    assert hashed == "state dict tensors" and sha == batch.weights_sha256(built[1])[0] != batch.weights_sha256(models["clip"])[0]
+
+
+def test_importing_the_package_or_the_command_line_does_not_import_batch():
+    code = ("import sys, atst_features, atst_features.cli as cli; cli.build_parser(); "
+            "assert 'atst_features.batch' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_list_file_input_mirrors_and_reports_missing_files(model_dirs, corpus, tmp_path):

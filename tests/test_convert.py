@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import atst_features as af
-from atst_features import convert, hub, weights
+from atst_features import cli, convert, weights
 from atst_features.convert import CheckpointError
 
 DATA = Path(__file__).parent / "data"
@@ -457,7 +457,7 @@ def test_round_trip_through_files_matches_the_reference_embeddings(tmp_path, ref
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="atst-features")
-    hub.add_parsers(parser.add_subparsers(dest="command", required=True))
+    cli.add_weights_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -23,7 +23,7 @@ import torch
 from test_convert import TINY_HEADS, make_finetuned, make_lightning_pretrain
 
 import atst_features as af
-from atst_features import hub, weights
+from atst_features import cli, hub, weights
 from atst_features.model import ATSTConfig
 
 NAME = "tiny-frame"
@@ -370,7 +370,7 @@ class FakeHfApi:
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="atst-features")
-    hub.add_parsers(parser.add_subparsers(dest="command", required=True))
+    cli.add_weights_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

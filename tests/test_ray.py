@@ -74,3 +74,21 @@ def test_embedder_on_waveform_columns_without_ray_actors(setup):
     assert out["error"][0] == "" and "too short" in out["error"][1]
     with pytest.raises(KeyError, match="'bytes', 'path' or 'audio'"):
         embedder({"text": np.array(["x"])})
+
+
+def test_embedder_on_bytes_and_path_columns_without_ray_actors(setup):
+    """Encoded bytes and paths go through the one decoder (``audio.read_audio``): same rows as waveforms."""
+    model_dir, src = setup
+    embedder = ray_data.ATSTEmbedder(str(model_dir), what="clip,frames", frames_dtype="float32")
+    names = ["a.wav", "sub/b.flac", "broken.wav"]
+    by_bytes = embedder({"bytes": np.array([(src / n).read_bytes() for n in names], dtype=object)})
+    by_path = embedder({"path": np.array([str(src / n) for n in names])})
+    for out in (by_bytes, by_path):
+        assert out["error"][0] == out["error"][1] == "" and "cannot decode" in out["error"][2]
+        assert out["frames"][2].dtype == np.float32 and out["frames"][2].shape == (0, embedder.frame_dim)
+    np.testing.assert_array_equal(by_bytes["clip"][:2], by_path["clip"][:2])
+    np.testing.assert_array_equal(by_bytes["duration"][:2], [3.0, 24.0])
+    for i, name in enumerate(names[:2]):
+        np.testing.assert_array_equal(by_bytes["frames"][i], by_path["frames"][i])
+        expected = batch.Embedder(af.load(model_dir), frames_dtype="float32").embed([af_audio.load_audio(src / name)])[0]
+        np.testing.assert_allclose(by_bytes["clip"][i], expected.clip, atol=1e-6)

@@ -443,6 +443,7 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str], dump: str) ->
         trainer.close()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(audio_dir, tmp_path):
     out = tmp_path / "ddp"
     argv = [

@@ -33,6 +33,7 @@ Forward = Callable[..., Intermediates]  # ATSTEncoder.forward_intermediates, or 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 LOOKAHEAD = 2  # chunks queued per kind before a pass, in batches: room to sort them by width
+MEL_WINDOW_CHUNKS = 4  # in-memory inputs: chunks whose mel is made at once (40 s: the STFT stays small)
 
 
 # ============================================================================ the differentiable pass
@@ -140,8 +141,10 @@ class MemorySink:
 
     def finish(self, clip: np.ndarray | None, frames_dim: int | None, dtype, timestamps: np.ndarray | None) -> None:
         frames = None
-        if frames_dim is not None:
-            frames = np.concatenate(self.frames) if len(self.frames) > 1 else self.frames[0] if self.frames else np.zeros((0, frames_dim), dtype)
+        if frames_dim is not None and len(self.frames) == 1:
+            frames = self.frames[0]  # one chunk: no copy
+        elif frames_dim is not None:
+            frames = np.concatenate(self.frames) if self.frames else np.zeros((0, frames_dim), dtype)
         self.frames = []
         self.result = EmbedResult(clip, frames, timestamps)
 
@@ -158,7 +161,7 @@ class Job:
 
     idx: int
     info: SourceInfo | None  # None for an item that failed before it was decoded
-    sink: object  # write_frames(rows), finish(clip, frames_dim, dtype, timestamps), abort()
+    sink: object | None  # write_frames(rows), finish(clip, frames_dim, dtype, timestamps), abort(); None until opened
     pending: int  # chunk results still to come
     sums: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (L_clip, D) float32
     cls: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -193,8 +196,9 @@ def _to_pinned(t: torch.Tensor | None) -> torch.Tensor | None:
     return host.copy_(t, non_blocking=True)
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError)
+def _select(x: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """Blocks ``positions`` of (b, L, ...) outputs; no copy when they are all of them in order."""
+    return x if positions == list(range(x.shape[1])) else x[:, positions]
 
 
 class Engine:
@@ -235,13 +239,19 @@ class Engine:
 
     # ------------------------------------------------------------ intake
 
-    def start(self, piece: Piece, sink) -> Job:
+    def start(self, piece: Piece, open_sink: Callable[[], object]) -> None:
+        """Register an item from its first piece; ``open_sink()`` opens where its outputs go (a
+        write error fails the item, a full disk raises ``DiskFull``)."""
         info = piece.info
-        job = Job(piece.idx, info, sink, pending=len(info.frame_chunks) + len(info.clip_chunks))
+        job = Job(piece.idx, info, None, pending=len(info.frame_chunks) + len(info.clip_chunks))
         self.jobs[piece.idx] = job
+        try:
+            job.sink = open_sink()
+        except OSError as e:
+            self._write_error(job, e)
+            return
         if job.pending == 0:  # nothing to encode (cannot happen for inputs >= MIN_SAMPLES)
             self._finish(job)
-        return job
 
     def add(self, pieces: list[Piece]) -> None:
         """Compute the mel of ``pieces`` (whose items were started) in one batch and queue their chunks."""
@@ -288,14 +298,16 @@ class Engine:
         job = self.jobs.pop(idx, None)
         if job is not None and not job.failed:
             job.failed = True
-            job.sink.abort()
+            if job.sink is not None:
+                job.sink.abort()
             self.on_done(job, error)
 
     def abort_all(self) -> None:
         """Drop every unfinished item (its sink is aborted); no callbacks."""
         for job in self.jobs.values():
             job.failed = True
-            job.sink.abort()
+            if job.sink is not None:
+                job.sink.abort()
         self.jobs.clear()
         self.pools = {"frame": [], "clip": []}
         self.inflight = None
@@ -355,12 +367,12 @@ class Engine:
         out = self.model.encode(pack([m for _, _, m in batch]), n_tokens, blocks)  # tokens (b, L, P, D)
         frames = sums = cls = None
         if frame_sel:
-            frames = out.tokens[:, frame_sel].permute(0, 2, 1, 3).flatten(2)  # (b, P, Lf * D)
+            frames = _select(out.tokens, frame_sel).permute(0, 2, 1, 3).flatten(2)  # (b, P, Lf * D)
             frames = frames.to(self.request.frames_dtype)
         if clip_sel:
-            sums = pooling.masked_token_sum(out.tokens[:, clip_sel], torch.tensor(n_tokens))  # (b, Lc, D) float32
+            sums = pooling.masked_token_sum(_select(out.tokens, clip_sel), n_tokens)  # (b, Lc, D) float32
             if out.cls is not None:
-                cls = out.cls[:, clip_sel].float()  # (b, Lc, D)
+                cls = _select(out.cls, clip_sel).float()  # (b, Lc, D)
         event = None
         if device.type == "cuda":
             frames, sums, cls = (_to_pinned(t) for t in (frames, sums, cls))
@@ -386,9 +398,13 @@ class Engine:
             if job.pending == 0:
                 self._finish(job)
         except OSError as e:
-            if is_disk_full(e):
-                raise DiskFull(e.errno, f"disk full while writing outputs ({e})") from e
-            self.fail(job.idx, f"cannot write the output: {e}")
+            self._write_error(job, e)
+
+    def _write_error(self, job: Job, e: OSError) -> None:
+        """A failed write: a full disk stops the run (``DiskFull``), any other error fails the item."""
+        if is_disk_full(e):
+            raise DiskFull(e.errno, f"disk full while writing outputs ({e})") from e
+        self.fail(job.idx, f"cannot write the output: {e}")
 
     def _finish(self, job: Job) -> None:
         info, clip = job.info, None
@@ -418,9 +434,10 @@ def run_waveforms(
 ) -> list[EmbedResult]:
     """Embed checked (N,) float32 16 kHz CPU waveforms through the engine; one result per waveform, in order.
 
-    Waveforms are taken shortest first so that similar lengths share passes; each is cut into
-    pieces of ``window_chunks`` chunks (default ``batch_size``), so peak memory is bounded by the
-    batch, not by the audio's length. ``label`` names the items in errors.
+    Waveforms are taken shortest first so that similar lengths share passes. The mel is made
+    ``window_chunks`` chunks at a time (default ``MEL_WINDOW_CHUNKS``: a long waveform is cut into
+    pieces of that many chunks, short ones are grouped up to that many frames), so peak memory is
+    bounded by the window and the batch, not by the audio's length. ``label`` names the items in errors.
 
     Raises:
         RuntimeError: the encoder failed for an item (e.g. out of GPU memory with one chunk).
@@ -432,16 +449,16 @@ def run_waveforms(
             errors[job.idx] = error
 
     engine = Engine(model, request, batch_size, done)
-    window_frames = (window_chunks or batch_size) * model.config.spec_w
+    window_frames = (window_chunks or MEL_WINDOW_CHUNKS) * model.config.spec_w
     sinks = [MemorySink() for _ in wavs]
     group: list[Piece] = []
     for i in sorted(range(len(wavs)), key=lambda i: wavs[i].shape[0]):
         info = {"duration": wavs[i].shape[0] / frontend.SAMPLE_RATE, "sample_rate": frontend.SAMPLE_RATE, "channels": 1}
         for piece in waveform_pieces(i, wavs[i], engine.plan, info, window_frames):
             if piece.info is not None:
-                engine.start(piece, sinks[i])
+                engine.start(piece, lambda: sinks[i])
             group.append(piece)
-            if sum(len(p.chunks) for p in group) >= batch_size:
+            if sum(p.n_frames for p in group) >= window_frames:  # one mel batch of about a window
                 engine.add(group)
                 group = []
     engine.add(group)

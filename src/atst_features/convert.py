@@ -21,13 +21,14 @@ Classification heads keep the official ``LinearHead`` names (``norm.*`` BatchNor
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .model import ATSTConfig
+from .model import ATSTConfig, ATSTEncoder
 
 ARCH_HEADS = {"small": 6, "base": 12}  # official factories: 384 / 6 heads, 768 / 12 heads
 ARCH_ALIASES = {"ast": "small", "ast_small": "small", "ast_base": "base", "small": "small", "base": "base"}
@@ -37,19 +38,6 @@ FRAMES_PER_S = 100  # mel frames per second (hop 10 ms)
 HEAD_LEVELS = ("clip", "frame")
 TRAIN_FORMAT = "atst-features-train"  # the "format" entry of checkpoints written by atst_features.train
 PROFILER_SUFFIXES = ("total_ops", "total_params")  # counters that thop adds to every module
-BLOCK_KEYS = (
-    "norm1.weight",
-    "norm1.bias",
-    "attn.qkv.weight",
-    "attn.proj.weight",
-    "attn.proj.bias",
-    "norm2.weight",
-    "norm2.bias",
-    "mlp.fc1.weight",
-    "mlp.fc1.bias",
-    "mlp.fc2.weight",
-    "mlp.fc2.bias",
-)
 
 
 class CheckpointError(ValueError):
@@ -275,38 +263,25 @@ def config_from_official(
     )
 
 
+def _encoder_shapes(cfg: ATSTConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of our encoder state dict for this config (``ATSTEncoder``'s own), with its shape."""
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        encoder = ATSTEncoder(cfg)
+    return {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+
+
+def _official_name(key: str, cfg: ATSTConfig) -> str:
+    """Our parameter name -> the official one (the inverse of ``_rename``)."""
+    if key.startswith("patch_embed."):
+        return "patch_embed." + key
+    if key.startswith("norm.") and not cfg.has_cls:
+        return "norm_frame." + key[len("norm.") :]
+    return key
+
+
 def expected_shapes(cfg: ATSTConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of an official encoder state dict of this config, with its shape."""
-    d, h = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
-    shapes: dict[str, tuple[int, ...]] = {
-        "pos_embed": (1, cfg.max_tokens + 1, d),
-        "mask_embed": (1, 1, d),
-        "patch_embed.patch_embed.weight": (d, cfg.patch_h * cfg.patch_w),
-        "patch_embed.patch_embed.bias": (d,),
-    }
-    if cfg.has_cls:
-        shapes["cls_token"] = (1, 1, d)
-    final = "norm" if cfg.has_cls else "norm_frame"
-    shapes[f"{final}.weight"] = (d,)
-    shapes[f"{final}.bias"] = (d,)
-    per_block = {
-        "norm1.weight": (d,),
-        "norm1.bias": (d,),
-        "attn.qkv.weight": (3 * d, d),
-        "attn.proj.weight": (d, d),
-        "attn.proj.bias": (d,),
-        "norm2.weight": (d,),
-        "norm2.bias": (d,),
-        "mlp.fc1.weight": (h, d),
-        "mlp.fc1.bias": (h,),
-        "mlp.fc2.weight": (d, h),
-        "mlp.fc2.bias": (d,),
-    }
-    if cfg.qkv_bias:
-        per_block["attn.qkv.bias"] = (3 * d,)
-    for b in range(cfg.depth):
-        shapes.update({f"blocks.{b}.{k}": s for k, s in per_block.items()})
-    return shapes
+    """Every key of an official encoder state dict of this config, with its shape (from ``ATSTEncoder``)."""
+    return {_official_name(k, cfg): shape for k, shape in _encoder_shapes(cfg).items()}
 
 
 def _rename(key: str) -> str:
@@ -350,11 +325,6 @@ def convert_encoder(
         if not sd[k].is_floating_point():
             raise CheckpointError(f"key {where + k!r} has dtype {sd[k].dtype}, expected a floating-point tensor")
     return cfg, {_rename(k): _owned_float32(v) for k, v in sd.items()}
-
-
-def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of ``sd`` under ``prefix``, with the prefix removed."""
-    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------- containers
@@ -514,9 +484,20 @@ def convert_head(
 
 
 def _clip_chunk_frames(train_len_s: float | None, spec_w: int) -> int:
-    """ATST-Clip's pooling chunk: ``int(train_len * 100 + 1)`` frames (601 for the default 6 s)."""
-    frames = int((train_len_s if train_len_s is not None else DEFAULT_TRAIN_LEN_S) * FRAMES_PER_S + 1)
-    return frames if 0 < frames <= spec_w else int(DEFAULT_TRAIN_LEN_S * FRAMES_PER_S + 1)
+    """ATST-Clip's pooling chunk: ``int(train_len * 100 + 1)`` frames (601 for the default 6 s,
+    used when the file records no crop length).
+
+    Raises:
+        CheckpointError: the recorded crop length gives no chunk in 1..``spec_w`` frames.
+    """
+    train_len = DEFAULT_TRAIN_LEN_S if train_len_s is None else train_len_s
+    frames = int(train_len * FRAMES_PER_S + 1) if math.isfinite(train_len) else 0
+    if not 0 < frames <= spec_w:
+        raise CheckpointError(
+            f"the file records a crop length (train_len / anchor_len) of {train_len_s!r} s, which gives a pooling "
+            f"chunk of {frames} mel frames; accepted are 0 to {(spec_w - 1) / FRAMES_PER_S:g} s (1 to {spec_w} frames)"
+        )
+    return frames
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -575,7 +556,7 @@ def _convert_training(ckpt: Mapping[str, Any]) -> Converted:
         if key not in ckpt:
             raise CheckpointError(f"the {TRAIN_FORMAT} checkpoint has no {key!r}")
     cfg = replace(ATSTConfig.from_dict(dict(ckpt["encoder_config"])), drop_path_rate=0.0)
-    expected = {_rename(k): s for k, s in expected_shapes(cfg).items()}
+    expected = _encoder_shapes(cfg)
     state_dict = dict(ckpt["encoder_state_dict"])
     missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     if missing or unexpected:

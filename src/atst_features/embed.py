@@ -1,7 +1,8 @@
 """Embedding: inputs -> waveforms -> log-mel -> chunked encoder passes -> pooled results.
 
-``ATSTModel`` wraps a loaded encoder with ``embed_clip`` and ``embed_frames``; the module-level
-``embed_clip`` / ``embed_frames`` do the same with a default model loaded once and cached.
+``ATSTModel`` wraps a loaded encoder with ``embed_clip``, ``embed_frames`` and ``tag``; every
+call goes through the one chunk engine (``chunks.run_waveforms``), which streams long inputs
+window by window. The cached one-liners are in ``api.py``; loading is in ``weights.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .chunks import Request, encode_chunks, run_waveforms
 from .dtypes import resolve_dtype
 from .heads import ClassificationHead
 from .model import ATSTConfig, ATSTEncoder, Intermediates
+from .pooling import token_seconds
 
 DEFAULT_MODEL = "atst-frame-base"
 
@@ -54,6 +56,35 @@ class FrameEmbeddings:
 
     def __len__(self) -> int:
         return self.timestamps.shape[0]
+
+
+@dataclass
+class Tags:
+    """Class probabilities from a classification head (``ATSTModel.tag``).
+
+    Attributes:
+        scores: probabilities (sigmoid, or softmax for a single-label head), (C,) for a clip-level
+            head or (T', C) for a frame-level head (one row per 40 ms token); a 2-D batch input
+            adds a leading batch axis.
+        labels: class names in score order, or ``None`` when the checkpoint's label list is unknown.
+        timestamps: (T',) float64 seconds, the start of each token, for frame-level heads; else ``None``.
+    """
+
+    scores: torch.Tensor
+    labels: list[str] | None
+    timestamps: torch.Tensor | None = None
+
+    def top(self, k: int = 5) -> list[tuple[str | int, float]]:
+        """The ``k`` best classes of one clip as (label, or class index when labels are unknown, score).
+
+        Frame-level scores are reduced by their maximum over time first.
+        """
+        per_class = self.scores if self.timestamps is None else self.scores.amax(dim=-2)
+        if per_class.ndim != 1:
+            raise ValueError("top() needs the scores of one clip; index a batch first")
+        values, index = per_class.topk(min(k, per_class.shape[0]))
+        names = self.labels
+        return [(names[i] if names else i, v) for i, v in zip(index.tolist(), values.tolist())]
 
 
 def check_batch_size(batch_size) -> int:
@@ -286,21 +317,46 @@ class ATSTModel:
         return _regroup(frames, layout, is_list, stack)
 
     def tag(self, audio: AudioInput | list, sample_rate: float | None = None, *, batch_size: int = 16):
-        """Class probabilities from the checkpoint's classification head (``heads.tag``).
+        """Class probabilities from the checkpoint's classification head.
 
-        Returns ``heads.Tags``: scores (C,) for a clip-level head, or (T', C) with timestamps (T',)
-        seconds for a frame-level head; labels when the checkpoint's class names are known.
+        Args: as ``embed_clip``. The head scores the last block: a clip-level head the clip vector
+        (``embed_clip(layers="last")``), a frame-level head every token (``embed_frames(layers="last")``).
+
+        Returns:
+            ``Tags`` per input (a list for a list input): scores (C,) for a clip-level head, or
+            (T', C) with timestamps (T',) seconds for a frame-level head; labels when known.
+
+        Raises:
+            ValueError: the model has no classification head.
         """
-        from .heads import tag
+        head = self.head
+        if head is None:
+            raise ValueError(
+                f"model {self.name!r} has no classification head; tagging needs a fine-tuned checkpoint that has one "
+                "(for example 'atst-frame-base-as-strong')"
+            )
+        device = next(head.parameters()).device
 
-        return tag(self, audio, sample_rate, batch_size=batch_size)
+        @torch.inference_mode()
+        def scores(x: torch.Tensor) -> torch.Tensor:
+            return head.probabilities(x.to(device=device, dtype=torch.float32)).cpu()
+
+        if head.level == "clip":
+            vectors = self.embed_clip(audio, sample_rate, layers="last", batch_size=batch_size)
+            if isinstance(vectors, list):
+                return [Tags(scores(v), head.labels) for v in vectors]
+            return Tags(scores(vectors), head.labels)
+        frames = self.embed_frames(audio, sample_rate, layers="last", batch_size=batch_size)
+        if isinstance(frames, list):
+            return [Tags(scores(f.embeddings), head.labels, f.timestamps) for f in frames]
+        return Tags(scores(frames.embeddings), head.labels, frames.timestamps)
 
     # ---------------------------------------------------------------- internals
 
     def _hop_tokens(self, hop_s) -> int:
         """``embed_frames(hop_s=...)``: the hop between overlapping windows in whole tokens, checked."""
         cfg = self.config
-        token_s = cfg.patch_w / frontend.FRAMES_PER_S
+        token_s = token_seconds(cfg.patch_w)
         window = cfg.max_tokens
         valid = isinstance(hop_s, (int, float, np.integer, np.floating)) and not isinstance(hop_s, bool)
         hop_tokens = round(float(hop_s) / token_s) if valid and np.isfinite(hop_s) else 0

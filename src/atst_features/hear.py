@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .embed import DEFAULT_MODEL, ATSTModel, Layers
-from .frontend import HOP_LENGTH, SAMPLE_RATE
+from .frontend import SAMPLE_RATE
+from .pooling import token_centre_offset
 
 __all__ = ["HEARModel", "get_scene_embeddings", "get_timestamp_embeddings", "load_model"]
 
@@ -114,8 +115,7 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel) -> tuple[tor
     _check(audio, model)
     frames = model.atst.embed_frames(audio, SAMPLE_RATE, layers=model.layers, hop_s=model.hop_s)
     # A token's mel frames are centred at t_k, t_k + 10, ..., t_k + 30 ms: its centre is their middle.
-    centre_ms = 1000.0 * (model.atst.config.patch_w - 1) * HOP_LENGTH / SAMPLE_RATE / 2
-    centres = frames.timestamps * 1000.0 + centre_ms  # (T,) float64 ms
+    centres = (frames.timestamps + token_centre_offset(model.atst.config.patch_w)) * 1000.0  # (T,) float64 ms
     timestamps = centres.float()[None, :].expand(audio.shape[0], -1).contiguous()
     device = model.atst.device
     return frames.embeddings.to(device), timestamps.to(device)

@@ -173,7 +173,7 @@ class ATSTEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.max_tokens + 1, d))
         self.mask_embed = nn.Parameter(torch.zeros(1, 1, d))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.has_cls else None
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also on the meta device
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = LayerNorm(d, eps=cfg.layernorm_eps)
         self.gradient_checkpointing = False
@@ -244,15 +244,23 @@ class ATSTEncoder(nn.Module):
             pad = torch.arange(x.shape[1], device=x.device)[None, :] >= keys[:, None]  # (B, N)
             bias = torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(pad, MASK_BIAS)
             bias = bias[:, None, None, :]  # (B, 1, 1, N)
+        # Eager inference writes each block's normed output into one (B, L, N, D) tensor as it is
+        # made (half the peak memory of stacking them); under autograd or torch.compile (whose
+        # graphs mishandle that in-place fill) the outputs are stacked at the end.
+        fill = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+        out = x.new_empty(x.shape[0], len(blocks), *x.shape[1:]) if fill else None
         normed: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks[: max(blocks) + 1]):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, bias, use_reentrant=False)
             else:
                 x = block(x, bias)
-            if i in blocks:
+            if i in blocks and fill:
+                out[:, blocks.index(i)] = self.norm(x)
+            elif i in blocks:
                 normed[i] = self.norm(x)
-        out = torch.stack([normed[b] for b in blocks], dim=1)  # (B, L, N, D)
+        if not fill:
+            out = torch.stack([normed[b] for b in blocks], dim=1)  # (B, L, N, D)
         if self.cls_token is None:
             return Intermediates(None, out)
         return Intermediates(out[:, :, 0], out[:, :, 1:])

@@ -20,6 +20,7 @@ frames) is skipped, where the official ATST-Frame code averages a zero vector in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,6 +28,21 @@ import torch
 from .frontend import FRAMES_PER_S
 
 POOL_EPS = 1e-6  # added to every pooling divisor, as the official code does
+
+
+# ---------------------------------------------------------------------------- token geometry
+# Derived here once: a token is ``patch_w`` mel frames, a mel frame 1 / FRAMES_PER_S seconds.
+
+
+def token_seconds(patch_w: int) -> float:
+    """Duration of one token in seconds (0.04 s for the released models' 4 frames)."""
+    return patch_w / FRAMES_PER_S
+
+
+def token_centre_offset(patch_w: int) -> float:
+    """Seconds from a token's start (its first mel-frame centre) to its centre, the middle of its
+    ``patch_w`` mel-frame centres: 15 ms for 4 frames."""
+    return (patch_w - 1) / FRAMES_PER_S / 2
 
 
 @dataclass(frozen=True)
@@ -92,10 +108,14 @@ def token_times(chunks: list[Chunk], patch_w: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- official pooling
 
 
-def masked_token_sum(tokens: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-    """Sum of each chunk's valid tokens in float32: tokens (C, L, P, D), n_tokens (C,) -> (C, L, D)."""
-    valid = torch.arange(tokens.shape[2], device=tokens.device)[None, :] < n_tokens.to(tokens.device)[:, None]  # (C, P)
-    return (tokens * valid[:, None, :, None].to(tokens.dtype)).sum(dim=2, dtype=torch.float32)
+def masked_token_sum(tokens: torch.Tensor, n_tokens: Sequence[int]) -> torch.Tensor:
+    """Sum of each chunk's valid tokens in float32: tokens (C, L, P, D), n_tokens (C,) -> (C, L, D).
+
+    Sums in place of a mask, so no (C, L, P, D) temporary is made."""
+    counts = [int(n) for n in n_tokens]
+    if all(n == tokens.shape[2] for n in counts):
+        return tokens.sum(dim=2, dtype=torch.float32)
+    return torch.stack([tokens[j, :, :n].sum(dim=1, dtype=torch.float32) for j, n in enumerate(counts)])
 
 
 def pool_clip_vectors(

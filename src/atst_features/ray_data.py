@@ -16,16 +16,16 @@ be decoded gets its error in the ``error`` column instead of failing the job.
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from . import audio, frontend
-from .batch import WHAT, Embedder, find_inputs, parse_shard, shard_of
-from .embed import DEFAULT_MODEL, ATSTModel, Layers, resolve_dtype
+from .batch import WHAT, Embedder, find_inputs, parse_shard
+from .batch.discovery import in_shard
+from .dtypes import numpy_dtype, resolve_dtype
+from .embed import DEFAULT_MODEL, ATSTModel, Layers
 
 PathLike = str | os.PathLike
 INPUT_COLUMNS = ("bytes", "path", "audio")  # checked in this order
@@ -39,19 +39,6 @@ def _require_ray():
     except ImportError as e:
         raise ImportError(f"the Ray Data integration needs the ray extra: pip install 'atst-features[ray]' ({e})") from None
     return ray
-
-
-def _decode_bytes(data: bytes) -> tuple[np.ndarray, int]:
-    """Encoded audio file contents -> ((N,) mono float32 at the file's rate, rate in Hz), as ``audio.read_audio``."""
-    import soundfile as sf
-
-    try:
-        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (N, C)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"cannot decode the bytes as audio ({str(e).split(': ', 1)[-1]})") from None
-    if wav.size == 0:
-        raise ValueError("the file holds no audio samples")
-    return wav.mean(axis=1, dtype=np.float32), int(sr)
 
 
 class ATSTEmbedder:
@@ -107,7 +94,7 @@ class ATSTEmbedder:
         for i in range(n):
             try:
                 if column == "bytes":
-                    wav, sr = _decode_bytes(bytes(batch["bytes"][i]))
+                    wav, sr = audio.read_audio(bytes(batch["bytes"][i]))  # encoded file contents
                 elif column == "path":
                     wav, sr = audio.read_audio(str(batch["path"][i]))
                 else:
@@ -123,7 +110,7 @@ class ATSTEmbedder:
         results = dict(zip(good, self.embedder.embed([wavs[i] for i in good]))) if good else {}
         out = {k: v for k, v in batch.items() if k not in _DROPPED}
         what = self.embedder.what
-        frames_dtype = np.float16 if self.embedder.frames_dtype == torch.float16 else np.float32
+        frames_dtype = numpy_dtype(self.embedder.frames_dtype)
         no_clip = np.full(self.clip_dim, np.nan, np.float32)
         no_frames, no_times = np.zeros((0, self.frame_dim), frames_dtype), np.zeros(0)
         if "clip" in what:
@@ -152,10 +139,7 @@ def read_audio_files(source: PathLike, *, shard: str | tuple[int, int] | None = 
     ``read_kwargs`` go to ``ray.data.from_items``.
     """
     ray = _require_ray()
-    files, _ = find_inputs(source)
-    split = parse_shard(shard)
-    if split is not None:
-        files = [f for f in files if shard_of(f.rel, split[1]) == split[0]]
+    files = in_shard(find_inputs(source)[0], parse_shard(shard))
     return ray.data.from_items([{"path": str(f.path), "rel": f.rel} for f in files], **read_kwargs)
 
 

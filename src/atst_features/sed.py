@@ -35,10 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .frontend import HOP_LENGTH, SAMPLE_RATE
+from .model import ATSTConfig
+from .pooling import token_seconds
 
-TOKEN_FRAMES = 4  # mel frames per ATST token: ATSTConfig.patch_w of every released model
-FRAME_S = TOKEN_FRAMES * HOP_LENGTH / SAMPLE_RATE  # 0.04 s: one ATST token
+TOKEN_FRAMES = ATSTConfig.patch_w  # mel frames per ATST token, the default of every released model
+FRAME_S = token_seconds(TOKEN_FRAMES)  # 0.04 s: one ATST token
 TIME_EPS = 1e-9  # seconds; absorbs float rounding when comparing times
 TIME_DECIMALS = 6  # decoded event times are rounded to the microsecond
 

@@ -1,8 +1,9 @@
 """Training checkpoints (atomic, exactly resumable) and the inference export.
 
 A checkpoint is one ``torch.save`` file, ``OUT/checkpoints/step-XXXXXXXX.pt``, written by rank 0
-to a temporary name and moved into place with ``os.replace``. It holds only tensors, numbers,
-strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it. Keys:
+atomically (``artifacts.atomic_write``: a temporary file beside it, then ``os.replace``). It holds
+only tensors, numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
+Keys:
 
 | key | content |
 |---|---|
@@ -20,7 +21,7 @@ strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it. Ke
 | ``schedule`` | the ``Schedule`` parameters (lr, warm-up, weight decay, EMA) |
 | ``rank_states`` | per process: RNG states (torch CPU, CUDA, the augmentation generator) and the mixup memory |
 
-``OUT/export/`` is refreshed at every checkpoint with ``weights.save_converted``: ``config.json`` +
+``OUT/export/`` is refreshed at every checkpoint with ``artifacts.save_converted``: ``config.json`` +
 ``model.safetensors`` (+ ``head.safetensors`` and ``labels.json`` for classifiers) +
 ``checksums.json``, which ``atst_features.load`` reads, and ``training.json`` (command, step and,
 for classifiers, whether the head is multi-label).
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .. import convert, heads, weights
+from .. import artifacts, convert
 from ..model import ATSTConfig
 from .tasks import Export
 
@@ -69,11 +70,9 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+    """``torch.save`` ``state`` to ``path`` atomically (``artifacts.atomic_write``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    artifacts.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def prune(out: str | os.PathLike, keep: int) -> None:
@@ -112,7 +111,7 @@ def write_export(export: Export, directory: str | os.PathLike, command: str, ste
     info = {"command": command, "step": step}
     if export.head_state_dict is not None:
         info["multilabel"] = bool(meta["multilabel"])
-    directory = weights.save_converted(
+    directory = artifacts.save_converted(
         export.config,
         export.state_dict,
         directory,
@@ -122,7 +121,7 @@ def write_export(export: Export, directory: str | os.PathLike, command: str, ste
         multilabel=bool(meta.get("multilabel", True)),
         source={"trained_with": f"atst-features train {command}", "step": step},
     )
-    weights.write_text_atomic(directory / TRAINING_INFO, json.dumps(info, indent=2) + "\n")
+    artifacts.write_text_atomic(directory / TRAINING_INFO, json.dumps(info, indent=2) + "\n")
     return directory
 
 
@@ -140,18 +139,18 @@ def load_pretrained(source: str | os.PathLike) -> Pretrained:
     """An encoder from a training checkpoint, an ``export/``-style directory, or an official checkpoint."""
     source = Path(source)
     if source.is_dir():
-        config = ATSTConfig.from_json(source / weights.CONFIG_NAME)
-        sd = load_file(str(source / weights.WEIGHTS_NAME))
-        head = heads.load_head(source)
+        config = ATSTConfig.from_json(source / artifacts.CONFIG_NAME)
+        sd = load_file(str(source / artifacts.WEIGHTS_NAME))
+        head = artifacts.load_head(source)
         if head is None:
             return Pretrained(config, sd)
         if head.level != "clip" or head.labels is None:
-            raise ValueError(f"{str(source)!r}: training uses clip-level heads with known labels ({heads.LABELS_NAME})")
+            raise ValueError(f"{str(source)!r}: training uses clip-level heads with known labels ({artifacts.LABELS_NAME})")
         head_sd = {k: v.detach().clone() for k, v in head.state_dict().items()}
         return Pretrained(config, sd, head_sd, {"classes": head.labels, "multilabel": head.multilabel})
     if not source.is_file():
         raise FileNotFoundError(f"no encoder at {str(source)!r} (expected a checkpoint file or a model directory)")
-    state = weights.read_checkpoint(source)
+    state = artifacts.read_checkpoint(source)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         return Pretrained(
             ATSTConfig.from_dict(state["encoder_config"]),
@@ -159,8 +158,8 @@ def load_pretrained(source: str | os.PathLike) -> Pretrained:
             state.get("head_state_dict"),
             state.get("head"),
         )
-    config, sd = weights.official_to_converted(state)
-    return Pretrained(config, sd)
+    converted = convert.convert(state)
+    return Pretrained(converted.config, converted.state_dict)
 
 
 def rng_state(device: torch.device, aug_rng: np.random.Generator) -> dict:

@@ -6,7 +6,8 @@ random crop comes from a generator seeded by (seed, epoch, index), so it does no
 number of workers and a resumed run sees the same crops.
 
 Data sources (``--data``):
-- a folder: every audio file below it (recursive), sorted;
+- a folder: every audio file below it (recursive), sorted; what is audio is the package's one rule
+  (``audio.is_audio_path``: an extension of ``audio.AUDIO_EXTENSIONS``, not a hidden file);
 - a ``.txt`` / ``.lst`` file: one path per line (relative paths are relative to the list file);
 - a ``.csv`` file with a ``file`` column and, for fine-tuning, a ``labels`` column holding the
   clip's labels separated by ``;`` (relative paths are relative to the CSV file).
@@ -25,10 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from ..audio import load_audio
+from ..audio import AUDIO_EXTENSIONS, is_audio_path, load_audio
 from ..frontend import MIN_SAMPLES, SAMPLE_RATE
 
-AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".w64", ".caf"})
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
 
@@ -41,9 +41,9 @@ def list_audio(source: str | os.PathLike) -> list[Path]:
     """The audio files of a folder (recursive, sorted), a ``.txt``/``.lst`` list or a CSV's ``file`` column."""
     source = Path(source)
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+        files = sorted(p for p in source.rglob("*") if is_audio_path(p) and p.is_file())
         if not files:
-            raise ValueError(f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) found under {str(source)!r}")
+            raise ValueError(f"no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))}) found under {str(source)!r}")
         return files
     if not source.is_file():
         raise FileNotFoundError(f"--data {str(source)!r} is neither a folder nor a file")

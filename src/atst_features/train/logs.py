@@ -11,6 +11,8 @@ import csv
 import os
 from pathlib import Path
 
+from ..artifacts import atomic_write
+
 LOG_NAME = "train_log.csv"
 
 
@@ -33,13 +35,15 @@ class CSVLog:
             rows = list(csv.DictReader(f))
             fields = rows and list(rows[0].keys())
         keep = [r for r in rows if int(r["step"]) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            if fields:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(keep)
-        os.replace(tmp, self.path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                if fields:
+                    w = csv.DictWriter(f, fieldnames=fields)
+                    w.writeheader()
+                    w.writerows(keep)
+
+        atomic_write(self.path, write)
 
     def write(self, row: dict[str, float | int]) -> None:
         if self.fields is None:
