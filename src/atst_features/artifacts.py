@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import convert
+from .atomic import atomic_write, write_text_atomic
 from .heads import LEVELS, ClassificationHead
 from .model import ATSTConfig
 
@@ -65,40 +64,6 @@ def check_sha256(path: str | os.PathLike, expected: str, way_out: str) -> None:
             f"{str(path)!r} has sha256 {actual}, but {expected} is recorded for it: the file was changed or damaged. "
             f"{way_out}"
         )
-
-
-def _umask() -> int:
-    """The process's umask (read by setting a common one for an instant and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Write ``path`` in one step: ``write(tmp)`` fills a new, uniquely named temporary file in the
-    same folder (``tempfile.mkstemp``), which then replaces ``path`` (``os.replace``).
-
-    Readers and concurrent writers (threads or processes) never see a partial file; if ``write``
-    fails the temporary file is removed and ``path`` is left as it was. The file gets the usual
-    permissions (``0o666`` less the umask), not ``mkstemp``'s owner-only ones. Returns ``path``.
-    """
-    path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # after writing: some writers replace the file they are given
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a UTF-8 text file with ``atomic_write``."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

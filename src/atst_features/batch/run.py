@@ -13,6 +13,7 @@ from typing import Any, TextIO
 import torch
 
 from .. import weights
+from ..atomic import write_text_atomic
 from ..audio import PathLike
 from ..chunks import DiskFull, Engine, Job
 from ..dtypes import dtype_name, numpy_dtype, resolve_dtype
@@ -129,7 +130,7 @@ def embed_folder(
         completed = summary.aborted is None
     finally:
         final = dict(rows) if completed else {**old_own, **rows}  # rows of inputs that no longer exist go
-        weights.write_text_atomic(own_index, "".join(json.dumps(final[r]) + "\n" for r in sorted(final)))
+        write_text_atomic(own_index, "".join(json.dumps(final[r]) + "\n" for r in sorted(final)))
         summary.wall_seconds = time.perf_counter() - t0
     return summary
 
@@ -147,7 +148,7 @@ def _write_metadata(out: Path, embedder: Embedder, input: str, stream_seconds: f
     meta = json.dumps(metadata(settings, hashed, model.source, input, stream_seconds), indent=2) + "\n"
     path = out / METADATA_NAME
     if not path.is_file() or path.read_text(encoding="utf-8") != meta:
-        weights.write_text_atomic(path, meta)
+        write_text_atomic(path, meta)
     return settings.key
 
 

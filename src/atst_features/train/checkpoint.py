@@ -1,7 +1,7 @@
 """Training checkpoints (atomic, exactly resumable) and the inference export.
 
 A checkpoint is one ``torch.save`` file, ``OUT/checkpoints/step-XXXXXXXX.pt``, written by rank 0
-atomically (``artifacts.atomic_write``: a temporary file beside it, then ``os.replace``). It holds
+atomically (``atomic.atomic_write``: a temporary file beside it, then ``os.replace``). It holds
 only tensors, numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
 Keys:
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .. import artifacts, convert
+from .. import artifacts, atomic, convert
 from ..model import ATSTConfig
 from .tasks import Export
 
@@ -70,9 +70,9 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically (``artifacts.atomic_write``)."""
+    """``torch.save`` ``state`` to ``path`` atomically (``atomic.atomic_write``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def prune(out: str | os.PathLike, keep: int) -> None:
@@ -121,7 +121,7 @@ def write_export(export: Export, directory: str | os.PathLike, command: str, ste
         multilabel=bool(meta.get("multilabel", True)),
         source={"trained_with": f"atst-features train {command}", "step": step},
     )
-    artifacts.write_text_atomic(directory / TRAINING_INFO, json.dumps(info, indent=2) + "\n")
+    atomic.write_text_atomic(directory / TRAINING_INFO, json.dumps(info, indent=2) + "\n")
     return directory
 
 

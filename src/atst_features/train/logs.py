@@ -11,7 +11,7 @@ import csv
 import os
 from pathlib import Path
 
-from ..artifacts import atomic_write
+from ..atomic import atomic_write
 
 LOG_NAME = "train_log.csv"
 
