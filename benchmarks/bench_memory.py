@@ -46,8 +46,8 @@ def _case(name: str, minutes: float, batch_size: int, threads: int, queue) -> No
         frontend.log_mel(torch.from_numpy(wav)[None])
     else:
         frames = model.embed_frames(wav, SR, layers="last", batch_size=batch_size)
-        model.embed_clip(wav, SR, batch_size=batch_size)
-        assert frames.embeddings.shape == (frontend.num_frames(wav.shape[0]) // 1001 * 250 + (frontend.num_frames(wav.shape[0]) % 1001) // 4, 384)
+        clip = model.embed_clip(wav, SR, batch_size=batch_size)
+        assert frames.embeddings.shape[1] == cfg.embed_dim and clip.shape == (cfg.depth * cfg.embed_dim,)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     queue.put((name, (peak - before) / 1e6, seconds))
