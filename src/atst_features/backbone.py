@@ -32,6 +32,19 @@ from .embed import ATSTModel, Layers, resolve_layers
 from .model import ATSTEncoder
 
 
+def layer_lr_scale(name: str, depth: int, decay: float) -> float:
+    """The layer-wise learning-rate factor of an encoder parameter (the ATST fine-tuning rule):
+    decay^(depth - b) for block b, decay^depth for the embeddings (patch, positional, mask,
+    [CLS]: below block 0), decay for the final norm."""
+    if name.startswith("blocks."):
+        return decay ** (depth - int(name.split(".")[1]))
+    if name.startswith("norm."):
+        return decay
+    if name in ("pos_embed", "mask_embed", "cls_token") or name.startswith("patch_embed."):
+        return decay**depth
+    raise ValueError(f"no layer-wise learning-rate rule for encoder parameter {name!r}")
+
+
 class FrameBackbone(nn.Module):
     """Padded waveforms (B, N) + lengths (B,) -> frame embeddings (B, T', L * D) + validity mask (B, T').
 
@@ -109,11 +122,14 @@ class FrameBackbone(nn.Module):
 
     def layer_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         """The encoder's parameters bottom-up: ("embed", patch/positional/mask), ("block0" ...), ("norm", final norm)."""
+        return [(name, [p for _, p in named]) for name, named in self._named_groups()]
+
+    def _named_groups(self) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
         enc = self.encoder
-        embed = [p for name, p in enc.named_parameters() if not name.startswith(("blocks.", "norm."))]
-        groups = [("embed", embed)]
-        groups += [(f"block{i}", list(block.parameters())) for i, block in enumerate(enc.blocks)]
-        return groups + [("norm", list(enc.norm.parameters()))]
+        named = list(enc.named_parameters())
+        groups = [("embed", [(n, p) for n, p in named if not n.startswith(("blocks.", "norm."))])]
+        groups += [(f"block{i}", [(n, p) for n, p in named if n.startswith(f"blocks.{i}.")]) for i in range(len(enc.blocks))]
+        return groups + [("norm", [(n, p) for n, p in named if n.startswith("norm.")])]
 
     def freeze(self) -> FrameBackbone:
         """Stop gradients to every encoder parameter (a frozen feature extractor); returns self."""
@@ -160,9 +176,9 @@ class FrameBackbone(nn.Module):
             )
         depth = self.encoder.cfg.depth
         out = []
-        for level, (name, params) in enumerate(self.layer_groups()):  # level 0 = embed, depth + 1 = norm
-            lr = base_lr * decay ** (depth - max(level - 1, 0)) if name != "norm" else base_lr * decay
-            trainable = [p for p in params if p.requires_grad]
+        for name, named in self._named_groups():
+            lr = base_lr * layer_lr_scale(named[0][0], depth, decay)
+            trainable = [p for _, p in named if p.requires_grad]
             for suffix, members, wd in (
                 ("", [p for p in trainable if p.dim() >= 2], weight_decay),
                 (".no_decay", [p for p in trainable if p.dim() < 2], 0.0),
