@@ -59,7 +59,8 @@ def command(src: Path, out: Path, model: Path, frames_dtype: str, workers: int) 
 def run_together(commands: list[list[str]]) -> list[tuple[int, str]]:
     """Start every command at once; (exit status, stderr) of each."""
     procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
-    return [(p.wait(), p.stderr.read()) for p in procs]
+    errs = [p.communicate()[1] for p in procs]
+    return [(p.returncode, err) for p, err in zip(procs, errs)]
 
 
 def reported(status: int, err: str) -> str:

@@ -1,19 +1,28 @@
-"""Benchmark ATST-Frame pretraining: samples/s, peak memory and the loss curve.
+"""Benchmark training: pretraining throughput, and what pretraining, fine-tuning and C2F learn.
 
-Runs the real training path (``atst_features.train.trainer.Trainer``: DataLoader workers decoding
-wav files, log-mel on the device, mixup, masking, student + EMA teacher, AdamW) on generated
-audio for a number of steps, without writing checkpoints.
+Everything runs through the real training path (``atst_features.train.trainer.Trainer``: the data
+scan, DataLoader workers decoding wav files, log-mel on the device, augmentation, the optimizer) on
+a generated corpus (``atst_features.train.synthetic``), without network access.
 
-    # the measurement: ATST-Frame base, bf16, on one GPU
-    python benchmarks/bench_train.py --steps 60 --batch-size 64
-    # several GPUs
-    torchrun --nproc_per_node 8 benchmarks/bench_train.py --steps 60 --batch-size 64
-    # CPU smoke check with a tiny encoder
-    python benchmarks/bench_train.py --tiny --steps 6
+``--part throughput``: ATST-Frame pretraining (``--arch``, bf16 on a GPU) for ``--steps`` steps on
+10.5 s clips; samples/s (excluding the first ``--skip`` steps), peak memory, the loss curve.
 
-Writes to ``--out``: ``audio/`` (the generated clips, reused), ``run/train_log.csv`` (one row per
-step: loss, lr, EMA momentum, teacher/student std, samples/s, peak memory) and
-``summary.json`` / ``summary.md``. Throughput excludes the first ``--skip`` steps (start-up, warm-up).
+``--part learning``: 8 classes x 50 clips of 2 s (80 held out), a 128-d, 4-block, 4-head encoder:
+
+1. probe of a random-init ATST-Frame encoder: 5-fold ridge classifier on the mean + std over
+   time of the last block's frame features (``train.evaluate.probe_accuracy``), all 400 clips;
+2. ATST-Frame pretraining on the 320 training clips (``--pretrain-steps``), the same probe;
+3. ``finetune`` (ATST-Clip from scratch) with the default recipe for ``--finetune-steps`` steps:
+   held-out accuracy (chance 1/8);
+4. ``c2f`` from the pretrained ATST-Frame with that teacher, default recipe: held-out accuracy.
+
+    python benchmarks/bench_train.py --part throughput --steps 60 --batch-size 64   # one GPU
+    torchrun --nproc_per_node 8 benchmarks/bench_train.py --part throughput --steps 60
+    python benchmarks/bench_train.py                                                 # CPU: the learning part
+    python benchmarks/bench_train.py --tiny --steps 6                                 # CPU smoke check
+
+Writes to ``--out``: the corpora, each run's directory (``train_log.csv``, ``export/``) and
+``summary.json`` / ``summary.md``.
 """
 
 from __future__ import annotations
@@ -21,45 +30,33 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
+import math
 import platform
 import resource
 import statistics
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
 import torch
 
+import atst_features as af
+from atst_features import weights
+from atst_features.model import ATSTConfig, ATSTEncoder
 from atst_features.train import distributed
+from atst_features.train.__main__ import main as train_main
 from atst_features.train.config import TrainConfig, resolve
+from atst_features.train.evaluate import accuracy, frame_statistics, probe_accuracy, read_labelled
 from atst_features.train.logs import LOG_NAME
+from atst_features.train.synthetic import make_corpus
 from atst_features.train.trainer import Trainer
 
-SAMPLE_RATE = 16000
-
-
-def make_audio(folder: Path, n_files: int, seconds: float, seed: int = 0) -> Path:
-    """Write ``n_files`` clips of ``seconds`` (chirps, tones and noise bursts) as 16 kHz wav files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    for i in range(n_files):
-        path = folder / f"gen{i:05d}.wav"
-        if path.is_file():
-            continue
-        f0, f1 = rng.uniform(100, 4000, size=2)
-        chirp = np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds)))
-        tones = sum(np.sin(2 * np.pi * rng.uniform(80, 6000) * t + rng.uniform(0, 6.3)) for _ in range(3))
-        bursts = (rng.random(n) < 0.0005).astype(np.float64)
-        noise = np.convolve(bursts, np.hanning(800), mode="same") * rng.standard_normal(n)
-        wav = 0.3 * chirp + 0.1 * tones + 0.2 * noise + 0.01 * rng.standard_normal(n)
-        tmp = path.with_name(path.name + ".part")  # other processes count finished files only
-        sf.write(tmp, (wav / np.abs(wav).max() * 0.8).astype(np.float32), SAMPLE_RATE, format="WAV")
-        os.replace(tmp, path)
-    return folder
+LEARNING_ENCODER = ["--embed-dim", "128", "--depth", "4", "--num-heads", "4"]
+#: Pretraining settings of the learning part (the recipes are for AudioSet-sized runs).
+LEARNING_PRETRAIN = [
+    "--crop-seconds", "2", "--batch-size", "32", "--lr", "1e-2", "--ema", "0.99",
+    "--head-hidden", "512", "--head-out", "128", "--mixup-memory", "256",
+]  # fmt: skip
 
 
 def read_rows(path: Path) -> list[dict[str, float]]:
@@ -67,35 +64,22 @@ def read_rows(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench_train_out", help="output folder (audio, log, summary)")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--skip", type=int, default=10, help="first steps left out of the throughput")
-    p.add_argument("--batch-size", type=int, default=None, help="per process (default 64; 4 with --tiny)")
-    p.add_argument("--arch", choices=["small", "base"], default="base")
-    p.add_argument("--tiny", action="store_true", help="32-dim, 2-block encoder for a CPU smoke check")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--files", type=int, default=None, help="generated clips (default: enough for 2 epochs per process)")
-    p.add_argument("--seconds", type=float, default=10.5, help="length of each generated clip")
-    p.add_argument("--num-workers", type=int, default=8)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    args = p.parse_args(argv)
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30, "gpu": torch.cuda.get_device_name(device)}
+    return {"peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu": platform.processor() or platform.machine()}
 
-    env = distributed.env_from_torchrun()
+
+def throughput(args, env: distributed.DistEnv) -> dict:
+    """ATST-Frame pretraining for ``args.steps`` steps; samples/s, peak memory, loss curve."""
     batch = args.batch_size or (4 if args.tiny else 64)
     n_files = args.files or max(2 * batch * env.world_size, 16)
     out = Path(args.out)
-    audio = out / "audio"
+    corpus_dir = out / "audio"
     if env.is_main:
-        make_audio(audio, n_files, 1.5 if args.tiny else args.seconds)
-    if env.distributed:  # the others wait for the audio through a file, before any process group exists
-        import time
-
-        while len(list(audio.glob("*.wav"))) < n_files:
-            time.sleep(0.5)
-
+        make_corpus(corpus_dir, n_classes=8, per_class=math.ceil(n_files / 8), held_out=0, seconds=1.5 if args.tiny else args.seconds)
+    while not (corpus_dir / "all.csv").is_file():  # the others wait, before any process group exists
+        time.sleep(0.5)
     extra = (
         {"embed_dim": 32, "depth": 2, "num_heads": 2, "head_hidden": 64, "head_out": 32, "crop_seconds": 1.0, "mixup_memory": 64}
         if args.tiny
@@ -104,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve(
         TrainConfig(
             command="frame",
-            data=str(audio),
+            data=str(corpus_dir / "all.csv"),
             out=str(out / "run"),
             arch=args.arch,
             batch_size=batch,
@@ -125,24 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.close()
     if not env.is_main:
-        return 0
-
+        return {}
     rows = read_rows(out / "run" / LOG_NAME)
     measured = rows[args.skip :] if len(rows) > args.skip else rows[-1:]
     global_batch = batch * env.world_size
     step_s = [global_batch / r["samples_per_s"] for r in measured]
-    device = trainer.device
-    if device.type == "cuda":
-        peak = {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30, "gpu": torch.cuda.get_device_name(device)}
-    else:
-        peak = {
-            "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "cpu": platform.processor() or platform.machine(),
-        }
-    summary = {
+    return {
         "model": "tiny (32/2/2)" if args.tiny else f"ATST-Frame {args.arch}",
-        "device": str(device),
-        **peak,
+        "device": str(trainer.device),
+        **device_info(trainer.device),
         "processes": env.world_size,
         "precision": cfg.precision,
         "gradient_checkpointing": cfg.gradient_checkpointing,
@@ -155,14 +130,108 @@ def main(argv: list[str] | None = None) -> int:
         "loss_first": rows[0]["loss"],
         "loss_last": rows[-1]["loss"],
         "loss_curve_csv": str(out / "run" / LOG_NAME),
-        "torch": torch.__version__,
     }
+
+
+def _train(command: str, out: Path, *args: str) -> dict:
+    """Run one training command; (seconds, first/last loss, samples/s of the run)."""
+    start = time.perf_counter()
+    if train_main([command, "--out", str(out), "--save-every", "0", "--log-every", "10", "--no-progress", *args]) != 0:
+        raise SystemExit(f"`{command}` failed; see above")
+    rows = read_rows(out / LOG_NAME)
+    return {
+        "seconds": time.perf_counter() - start,
+        "loss_first": rows[0]["loss"],
+        "loss_last": rows[-1]["loss"],
+        "samples_per_s": statistics.median(r["samples_per_s"] for r in rows),
+    }
+
+
+def learning(args) -> dict:
+    """The learning part (see the module docstring)."""
+    out = Path(args.out) / "learning"
+    corpus = make_corpus(out / "corpus", n_classes=8, per_class=50, held_out=10, seconds=2.0)
+    files, labels = read_labelled(corpus.all_csv)
+    test_files, test_labels = read_labelled(corpus.test_csv)
+    runtime = ["--device", args.device, "--num-workers", str(args.num_workers)]
+    if args.precision:
+        runtime += ["--precision", args.precision]
+
+    torch.manual_seed(0)
+    enc_cfg = ATSTConfig(family="frame", embed_dim=128, depth=4, num_heads=4)
+    random_init = weights.build(enc_cfg, ATSTEncoder(enc_cfg).state_dict())
+    result = {"probe_random_init": probe_accuracy(frame_statistics(random_init, files), labels)}
+
+    steps = ["--max-steps", str(args.pretrain_steps)]
+    frame = _train("frame", out / "frame", "--data", str(corpus.train_csv), *LEARNING_ENCODER, *LEARNING_PRETRAIN, *steps, *runtime)
+    result["frame_pretraining"] = frame
+    result["probe_pretrained"] = probe_accuracy(frame_statistics(af.load(out / "frame" / "export"), files), labels)
+
+    steps = ["--max-steps", str(args.finetune_steps)]
+    ft = _train("finetune", out / "finetune", "--data", str(corpus.train_csv), *LEARNING_ENCODER, *steps, *runtime)
+    ft["test_accuracy"] = accuracy(af.load(out / "finetune" / "export"), test_files, test_labels)
+    result["finetune"] = ft
+    init, teacher = out / "frame" / "export", out / "finetune" / "export"
+    c2f = _train("c2f", out / "c2f", "--data", str(corpus.train_csv), "--init", str(init), "--teacher", str(teacher), *steps, *runtime)
+    c2f["test_accuracy"] = accuracy(af.load(out / "c2f" / "export"), test_files, test_labels)
+    result["c2f"] = c2f
+    result["chance"] = 1 / corpus.n_classes
+    return result
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| metric | value |", "|---|---|"]
+
+    def add(prefix: str, d: dict) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                add(f"{prefix}{k}.", v)
+            else:
+                lines.append(f"| {prefix}{k} | {v:.4g} |" if isinstance(v, float) else f"| {prefix}{k} | {v} |")
+
+    add("", summary)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--part",
+        choices=["auto", "throughput", "learning", "all"],
+        default="auto",
+        help="auto (default): learning on a CPU (its runs report samples/s too), both with CUDA",
+    )
+    p.add_argument("--out", default="bench_train_out", help="output folder (corpora, runs, summary)")
+    p.add_argument("--steps", type=int, default=60, help="throughput: steps")
+    p.add_argument("--skip", type=int, default=10, help="throughput: first steps left out of the throughput")
+    p.add_argument("--batch-size", type=int, default=None, help="throughput: per process (default 64; 4 with --tiny)")
+    p.add_argument("--arch", choices=["small", "base"], default="base", help="throughput: the encoder")
+    p.add_argument("--tiny", action="store_true", help="throughput: 32-dim, 2-block encoder for a CPU smoke check")
+    p.add_argument("--files", type=int, default=None, help="throughput: generated clips (default: 2 epochs per process)")
+    p.add_argument("--seconds", type=float, default=10.5, help="throughput: length of each generated clip")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="learning: ATST-Frame pretraining steps")
+    p.add_argument("--finetune-steps", type=int, default=300, help="learning: finetune and c2f steps")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--num-workers", type=int, default=4)
+    args = p.parse_args(argv)
+
+    env = distributed.env_from_torchrun()
+    if args.part == "auto":
+        args.part = "all" if torch.cuda.is_available() and args.device != "cpu" else "learning"
+    summary: dict = {"torch": torch.__version__}
+    if args.part in ("throughput", "all"):
+        summary["throughput"] = throughput(args, env)
+    if args.part in ("learning", "all") and env.is_main and not env.distributed:
+        summary["learning"] = learning(args)
+    if not env.is_main:
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| metric | value |", "|---|---|"] + [
-        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()
-    ]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "summary.md").write_text(markdown(summary))
+    print(markdown(summary))
     return 0
 
 

@@ -185,6 +185,7 @@ def test_rerun_rewrites_nothing_and_redoes_what_changed(model_dirs, corpus, tmp_
     assert first.exit_status == other.exit_status == 1
 
 
+@pytest.mark.slow  # a subprocess run, killed and resumed
 def test_killed_run_leaves_complete_outputs_and_resumes(model_dirs, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

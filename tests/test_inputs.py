@@ -151,3 +151,95 @@ def test_bad_layers(frame_model, wav, layers):
 def test_bad_batch_size(frame_model, wav, batch_size):
     with pytest.raises(ValueError, match="batch_size"):
         frame_model.embed_clip(wav, SR, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------- mistakes that used to pass silently or misleadingly
+
+
+def test_int16_scaled_floats_warn_once_per_call_naming_the_input(frame_model, wav):
+    scaled = np.round(wav * 32767).astype(np.float32)  # the scipy.io.wavfile habit: int16 values as floats
+    with pytest.warns(UserWarning, match=r"audio peaks at \d+.*int16-scaled\? divide by 32768"):
+        frame_model.embed_clip(scaled, SR)
+    with pytest.warns(UserWarning) as record:
+        frame_model.embed_frames([wav, scaled, torch.from_numpy(scaled), np.stack([scaled, scaled])], SR)
+    assert len(record) == 1
+    assert "input 1 (and 2 more inputs) peaks at" in str(record[0].message)
+
+
+def test_no_warning_for_audio_in_range_or_int_pcm(frame_model, wav, recwarn):
+    frame_model.embed_clip(1.5 * wav, SR)  # a little over full scale: not a scaling mistake
+    frame_model.embed_clip(np.round(wav * 32767).astype(np.int16), SR)  # int16 PCM is scaled for you
+    frame_model.embed_clip(np.random.default_rng(0).standard_normal(SR).astype(np.float32), SR)  # unit noise
+    assert not [w for w in recwarn if "int16" in str(w.message)]
+
+
+@pytest.mark.parametrize("rate", [16, 44.1, 48, 1, 999, 768_001, 1e7])
+def test_sample_rates_outside_1_to_768_khz_are_refused(frame_model, wav, rate):
+    with pytest.raises(ValueError, match="kHz"):
+        frame_model.embed_clip(wav, rate)
+
+
+def test_rate_given_in_khz_says_so():
+    with pytest.raises(ValueError, match=r"sample_rate=44\.1 Hz .* a rate in kHz\? pass Hz, e\.g\. sample_rate=44100"):
+        audio.check_sample_rate(44.1)
+    assert audio.check_sample_rate(1000) == 1000.0 and audio.check_sample_rate(768_000) == 768_000.0
+
+
+def test_float64_beyond_float32_is_refused(frame_model, wav):
+    big = wav.astype(np.float64)
+    big[100] = 1e300  # finite in float64, Inf in float32
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        frame_model.embed_clip(big, SR)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        frame_model.embed_clip(torch.from_numpy(big), SR)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 6])
+def test_samples_by_channels_is_named(frame_model, wav, channels):
+    x = np.repeat(wav[:, None], channels, axis=1)  # what soundfile.read returns
+    with pytest.raises(ValueError, match=r"looks like \(samples, channels\).*x\.mean\(axis=1\)") as info:
+        frame_model.embed_clip(x, SR)
+    assert f"({wav.size}, {channels})" in str(info.value)
+    with pytest.raises(ValueError, match="samples, channels"):
+        frame_model.embed_clip(torch.from_numpy(x), SR)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i2", ">i4", "<f4"])
+def test_any_byte_order_is_accepted(frame_model, wav, dtype):
+    native = (np.round(wav * 32000) if dtype[1] == "i" else wav).astype(dtype[1:])
+    assert close(frame_model.embed_clip(native.astype(dtype), SR), frame_model.embed_clip(native, SR))
+
+
+@pytest.mark.parametrize("rate", [SR, 44100])
+def test_negative_strides_are_accepted(frame_model, wav, rate, tmp_path):
+    x = audio.resample(wav, SR, rate)
+    assert close(frame_model.embed_clip(x[::-1], rate), frame_model.embed_clip(x[::-1].copy(), rate))
+    batch = np.stack([x, 0.5 * x])[:, ::-1]
+    assert close(frame_model.embed_clip(batch, rate), frame_model.embed_clip(batch.copy(), rate))
+    assert close(frame_model.embed_clip(x[::2], rate // 2), frame_model.embed_clip(x[::2].copy(), rate // 2))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: torch.zeros(2000, device="meta"), "meta tensor, which holds no samples"),
+        (lambda: torch.zeros(2000).to_sparse(), "sparse_coo tensor; pass a dense one"),
+        (lambda: torch.zeros(2, 2000).to_sparse(), "sparse_coo tensor; pass a dense one"),
+    ],
+)
+def test_meta_and_sparse_tensors_are_refused_in_one_line(frame_model, make, match):
+    with pytest.raises(ValueError, match=match) as info:
+        frame_model.embed_clip(make(), SR)
+    assert "\n" not in str(info.value)
+
+
+def test_device_auto(monkeypatch, tiny_dirs):
+    from atst_features.embed import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = af.load(tiny_dirs["frame"], device="auto")
+    assert model.device == resolve_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ValueError, match="'auto'"):
+        resolve_device("automatic")

@@ -32,15 +32,21 @@ FIELDS = {
     "outputs",
     "head",
     "source",
+    "mirrors",
     "licence",
     "papers",
     "hub",
     "notes",
 }
-SOURCE_FIELDS = {"url", "page", "drive_id", "filename", "format", "size", "sha256", "reported", "published_in"}
+SOURCE_FIELDS = {"url", "page", "drive_id", "filename", "format", "size", "sha256", "pinned_by", "published_in"}
 LAYOUTS = {layout.name for layout in convert.LAYOUTS}
 OFFICIAL_HOSTS = {"checkpointstorage.oss-cn-beijing.aliyuncs.com", "drive.google.com"}
+STABLE_HOSTS = {"github.com", "huggingface.co"}  # second sources
 AUTHORS_REPOS = ("https://github.com/Audio-WestlakeU/audiossl", "https://github.com/Audio-WestlakeU/ATST-SED")
+PRETRAINEDSED = "https://github.com/fschmid56/PretrainedSED"
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SSL = ("atst-clip-small", "atst-clip-base", "atst-frame-small", "atst-frame-base")
+CLAMPED = ("atst-sed-stage2-encoder", "atst-frame-base-pretrainedsed-strong", "atst-frame-base-pretrainedsed-weak")
 
 
 def by_name(name: str) -> dict:
@@ -65,6 +71,7 @@ def test_every_published_checkpoint_is_listed():
         "atst-sed-stage2-encoder",
     } <= set(NAMES)
     assert DEFAULT_MODEL in NAMES
+    assert all(PLAIN_NAME.fullmatch(n) for n in NAMES)  # names become paths in the cache
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=NAMES)
@@ -101,59 +108,97 @@ def test_frontend_contract_is_the_library_front_end(entry):
         "min_samples": frontend.MIN_SAMPLES,
     }
     assert {k: fe[k] for k in expected} == expected
-    if entry["name"].startswith("atst-sed"):
-        assert fe["db_clamp"] == [-50.0, 80.0]  # ATST-SED's extra clamp, recorded
+    if entry["name"] in CLAMPED:
+        assert fe["db_clamp"] == [-50.0, 80.0]  # ATST-SED's and PretrainedSED's extra clamp, recorded
     else:
         assert fe["db_clamp"] is None
+    assert entry["config"]["db_clamp"] == fe["db_clamp"]  # the config carries it to the front end
+
+
+def _sources(entry: dict) -> list[dict]:
+    return [entry["source"], *entry["mirrors"]]
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=NAMES)
-def test_source_urls_formats_and_no_invented_hashes(entry):
-    src = entry["source"]
-    assert SOURCE_FIELDS <= set(src)
-    url = urlparse(src["url"])
-    assert url.scheme == "https" and url.netloc in OFFICIAL_HOSTS
-    if url.netloc == "drive.google.com":
-        assert DRIVE_ID.fullmatch(src["drive_id"])
-        assert src["url"] == f"https://drive.google.com/uc?id={src['drive_id']}"
-        assert src["page"] == f"https://drive.google.com/file/d/{src['drive_id']}/view"
-    else:
-        assert src["drive_id"] is None and src["url"].endswith("/" + src["filename"])
-    assert src["published_in"].startswith(AUTHORS_REPOS)
-    if src["format"] is None:  # not inspected: the candidates must all be known layouts
-        assert set(src["possible_formats"]) <= LAYOUTS
-    else:
-        assert src["format"] in LAYOUTS
-    # Trusted values only when verified; third-party values live under "reported", marked unverified.
-    if not src.get("verified"):
-        assert src["sha256"] is None and src["size"] is None
-    reported = src["reported"]
-    if reported is not None:
-        assert reported["verified"] is False and SHA256.fullmatch(reported["sha256"]) and reported["size"] > 0
-        assert "third-party" in reported["by"]
+def test_source_urls_formats_and_pins(entry):
+    for i, src in enumerate(_sources(entry)):
+        assert set(src) - {"possible_formats"} == SOURCE_FIELDS
+        url = urlparse(src["url"])
+        assert url.scheme == "https" and url.netloc in OFFICIAL_HOSTS | STABLE_HOSTS
+        if url.netloc == "drive.google.com":
+            assert DRIVE_ID.fullmatch(src["drive_id"])
+            assert src["url"] == f"https://drive.google.com/uc?id={src['drive_id']}"
+            assert src["page"] == f"https://drive.google.com/file/d/{src['drive_id']}/view"
+        else:
+            assert src["drive_id"] is None and src["url"].endswith("/" + src["filename"])
+        if url.netloc == "huggingface.co":  # a Hub file at a pinned commit, never a branch
+            assert re.fullmatch(r"/[\w.-]+/[\w.-]+/resolve/[0-9a-f]{40}/[\w.-]+", url.path)
+        assert src["filename"] is None or PLAIN_NAME.fullmatch(src["filename"])
+        if url.netloc in OFFICIAL_HOSTS and i == 0:
+            assert src["published_in"].startswith(AUTHORS_REPOS)
+        else:
+            assert src["published_in"].startswith((PRETRAINEDSED, "https://huggingface.co/"))
+        if src["format"] is None:  # not inspected: the candidates must all be known layouts
+            assert set(src["possible_formats"]) <= LAYOUTS
+        else:
+            assert src["format"] in LAYOUTS
+        # A pin is size and sha256 together, with who recorded them; no pin: both null (trust on first use).
+        if src["sha256"] is None:
+            assert src["size"] is None and src["pinned_by"] is None
+        else:
+            assert SHA256.fullmatch(src["sha256"]) and src["size"] > 0 and "not re-computed" in src["pinned_by"]
 
 
-def test_reported_values_are_those_recorded_in_the_facts():
-    """The four third-party values, transcribed once; no other checkpoint has any."""
-    reported = {e["name"]: (e["source"]["reported"] or {}).get("sha256") for e in ENTRIES}
-    assert reported["atst-clip-small"].startswith("fcadd641") and reported["atst-clip-base"].startswith("7b20168c")
-    assert reported["atst-frame-small"].startswith("1d85b290") and reported["atst-frame-base"].startswith("9f812544")
-    assert {n for n, h in reported.items() if h} == {
-        "atst-clip-small",
-        "atst-clip-base",
-        "atst-frame-small",
-        "atst-frame-base",
+def test_pins_are_those_recorded_in_the_facts():
+    """The known values, transcribed once (third-party records of the released files); no other source has any."""
+    pins = {(e["name"], s["url"].rsplit("/", 1)[-1]): (s["size"], s["sha256"]) for e in ENTRIES for s in _sources(e) if s["sha256"]}
+    assert pins == {
+        ("atst-clip-small", "small.ckpt"): (411_267_681, "fcadd6411881410d27cde47f4d540ef416aa59e0197b195cf3ee7a81885a5f4a"),
+        ("atst-clip-base", "base.ckpt"): (1_459_530_207, "7b20168cae0d1488a0e3334f17ca1cefb9365cbaa2401c11aa98d6ffaa668496"),
+        ("atst-frame-small", "uc?id=1xZoOTuxV415icYONYbeFQzgrmJQf4a4B"): (
+            411_264_805,
+            "1d85b290632dd26b8725f0ae73f53f990a898888cfc2c4794c3055a8130ff5f1",
+        ),
+        ("atst-frame-base", "uc?id=1bGJSZWlAIIJ6GL5Id5dW0PTB72DL-QDQ"): (
+            1_459_523_813,
+            "9f812544983add849f45ef03c4ce10184729adee082c0bdd347764f4835bb3da",
+        ),
+        ("atst-frame-base-pretrainedsed-strong", "ATST-F_strong_1.pt"): (
+            344_480_550,
+            "fbf2577958e3648d55ee8cea7e0e5260c4505fb0c13964e1ec81bc367cee5eda",
+        ),
+        ("atst-sed-stage2-encoder", "model.pth"): (346_657_710, "295e9c10c4ce4d3106d5110ff51fea04ddb2173302bd5b3d546a6eef6cb119ae"),
     }
+    hub_copy = by_name("atst-sed-stage2-encoder")["mirrors"][0]["url"]
+    assert "/igonzf/ATST-SED/resolve/2b93c03ab210f11132a40ef39ecc29c334ff87e2/" in hub_copy
+
+
+def test_the_packaged_manifest_parses_with_its_checks():
+    specs = weights.registry.manifest()
+    assert [s.pinned for s in specs["atst-sed-stage2-encoder"].sources] == [True, False]  # pinned sources first
+    assert specs["atst-frame-base-pretrainedsed-strong"].source.format == "pretrainedsed"
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=NAMES)
 def test_licence_and_papers(entry):
     lic = entry["licence"]
-    assert lic["spdx"] in ("MIT", None)
-    assert lic["holder"] == "Audio-WestlakeU" and lic["url"].startswith(AUTHORS_REPOS)
     assert lic["statement"] and lic["attribution"]
-    if lic["spdx"] is None:
-        assert "no licence is stated" in lic["statement"]
+    if entry["name"] in SSL:  # the authors' LICENSE of 2023-10-19: checkpoints CC BY 4.0, code MIT
+        assert lic["spdx"] == "CC-BY-4.0" and lic["licence_url"] == "https://creativecommons.org/licenses/by/4.0/"
+        assert lic["holder"] == "Audio-WestlakeU" and lic["url"].startswith(AUTHORS_REPOS)
+        assert "CC BY 4.0" in lic["statement"] and lic["as_of"].startswith("2023-10-19")
+        # what CC BY asks for: authors, title, source, licence link (and the changes made)
+        title = {"atst-clip-small": "ATST-Clip small", "atst-clip-base": "ATST-Clip base"}.get(
+            entry["name"], entry["name"].replace("atst-frame-", "ATST-Frame ")
+        )
+        for part in ("Xian Li", title, "https://github.com/Audio-WestlakeU/audiossl", lic["licence_url"], "Converted"):
+            assert part in lic["attribution"], part
+        assert "MIT" not in lic["statement"].split("...")[0]
+    elif lic["spdx"] is None:
+        assert lic["holder"] == "Audio-WestlakeU" and lic["url"].startswith(AUTHORS_REPOS)
+        assert "no licence is stated" in lic["statement"] and "CC BY 4.0" in lic["attribution"]
+    else:  # PretrainedSED's release
+        assert lic["spdx"] == "MIT" and lic["url"].startswith(PRETRAINEDSED) and "CC BY 4.0" in lic["attribution"]
     assert entry["papers"]
     for paper in entry["papers"]:
         assert paper["title"] and paper["authors"] and isinstance(paper["year"], int)

@@ -1,14 +1,19 @@
-"""Training: masks, schedules, augmentations, the four commands, exact resume, export, and DDP on CPU.
+"""Training: masks, schedules, augmentations, recipes and settings, the data scan, the four commands,
+exact resume, export, and DDP on CPU.
 
 Every run uses a tiny encoder (32 dims, 2 blocks, 2 heads), 1 s crops of generated audio and a few steps.
+Whether training learns is in ``test_train_learning.py``.
 """
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import math
+import shutil
 import socket
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +25,9 @@ import torch.multiprocessing as mp
 import atst_features as af
 from atst_features import frontend, weights
 from atst_features.model import ATSTConfig
-from atst_features.train import augment, checkpoint, data
+from atst_features.train import augment, checkpoint, data, scan
 from atst_features.train.__main__ import config_from_args, main
-from atst_features.train.config import TrainConfig, merge_for_resume, resolve
+from atst_features.train.config import FAMILY_FIELDS, SUPERVISED_RECIPES, TrainConfig, finalize, merge_for_resume, resolve
 from atst_features.train.schedules import Schedule, warmup_cosine
 from atst_features.train.tasks import FramePretraining, pooled_features
 from atst_features.train.trainer import Trainer
@@ -43,8 +48,6 @@ def run(command: str, *args: str) -> int:
 
 
 def read_log(out: Path) -> list[dict[str, float]]:
-    import csv
-
     with open(out / "train_log.csv", newline="") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
@@ -66,6 +69,15 @@ def assert_same(a, b, path: str = "") -> None:
 
 
 # ---------------------------------------------------------------------------- data fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scan_cache(tmp_path_factory):
+    """The data-scan cache of this module's runs lives in a temporary directory, not in ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        cache = tmp_path_factory.mktemp("cache")
+        mp.setenv("ATST_FEATURES_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +190,23 @@ def test_mixup_memory():
     zs = [torch.minimum(y, x[i]) for i in range(2)], [torch.maximum(y, x[i]) for i in range(2)]
     inside = [((out >= a - 1e-5) & (out <= b + 1e-5)).all(dim=(1, 2)) for a, b in zip(*zs)]
     assert bool((inside[0] | inside[1]).all()) and bool(((out >= lo - 1e-5) & (out <= hi + 1e-5)).all())
+    # The state is where the ring stands; the rows are rebuilt by replaying the batches that filled them.
+    batches = [(torch.randn(3, 64, w), torch.tensor([w, w - 1, 5])) for w in (30, 40, 35)]
+    for mel, n in batches:
+        mix.remember(mel, n)
     state = mix.state_dict()
+    assert state == {"size": 4, "writes": 4 + 9, "width": 40}  # no tensors
     again = augment.MixupMemory(size=4, ratio=0.4)
-    again.load_state_dict(state, torch.device("cpu"))
-    assert again.count == 4 and torch.equal(again.bank, mix.bank)
+    again.load_state_dict(state)
+    assert again.count == 4 and again.bank is None
+    calls = -(-again.rows_needed(3) // 3)  # the last 2 calls of 3 rows refill all 4 rows
+    assert calls == 2
+    target = again.rewind(calls * 3)
+    for mel, n in batches[-calls:]:
+        again.remember(mel, n)
+    assert again.writes == target and torch.equal(again.bank, mix.bank) and torch.equal(again.lengths, mix.lengths)
+    with pytest.raises(ValueError, match="holds 4"):
+        augment.MixupMemory(size=8, ratio=0.4).load_state_dict(state)
 
 
 def test_crops_do_not_depend_on_workers(audio_dir):
@@ -214,12 +239,12 @@ def test_file_lists(audio_dir, tmp_path):
         data.read_label_csv(bad)
 
 
-def test_ema_update_formula():
+def test_ema_update_formula(tmp_path):
     cfg = resolve(
         TrainConfig(
             command="frame",
-            data="-",
-            out="-",
+            data=str(tmp_path),
+            out=str(tmp_path / "out"),
             embed_dim=32,
             depth=2,
             num_heads=2,
@@ -270,10 +295,16 @@ def test_frame_pretraining(frame_run):
     assert ck4["optimizer"]["param_groups"][0]["eps"] == 1e-6
 
 
-def test_frame_resume_is_exact(frame_run, tmp_path):
-    """Resuming from step 2 reaches the same step-4 state as the uninterrupted run, bit for bit."""
+def test_frame_resume_is_exact(frame_run, tmp_path, capsys):
+    """Resuming from step 2 reaches the same step-4 state as the uninterrupted run, bit for bit
+    (the mixup memory, not in the checkpoint, is rebuilt from the data stream)."""
     resumed = tmp_path / "resumed"
-    assert main(["frame", "--resume", str(frame_run / "checkpoints" / "step-00000002.pt"), "--out", str(resumed)]) == 0
+    ck2 = frame_run / "checkpoints" / "step-00000002.pt"
+    assert main(["frame", "--resume", str(ck2), "--out", str(resumed)]) == 0
+    err = capsys.readouterr().err
+    assert "ATST-Frame 32-d x 2 blocks" in err and "global batch 4 (1 process(es) x 4)" in err and "lr " in err
+    assert f"resumed from step 2 of 4 ({ck2}); mixup memory rebuilt from the last 2 steps' data" in err
+    assert "frame: 100%" in err  # the progress bar
     a = checkpoint.read(frame_run / "checkpoints" / "step-00000004.pt")
     b = checkpoint.read(resumed / "checkpoints" / "step-00000004.pt")
     assert b["config"]["out"] == str(resumed)
@@ -281,6 +312,26 @@ def test_frame_resume_is_exact(frame_run, tmp_path):
         assert_same(a[key], b[key], key)
     assert [r["step"] for r in read_log(resumed)] == [3, 4]
     assert [r["loss"] for r in read_log(resumed)] == [r["loss"] for r in read_log(frame_run)][2:]
+
+
+def test_checkpoints_hold_no_mixup_memory(frame_run, clip_run):
+    """Per process a checkpoint keeps RNG states and three integers, whatever the memory's size."""
+    for run_dir, writes in ((frame_run, 4 * 4), (clip_run, 2 * 2 * 4)):
+        ck = checkpoint.read(checkpoint.latest_checkpoint(run_dir))
+        (state,) = ck["rank_states"]
+        assert state["mixup"] == {"size": 16, "writes": writes, "width": state["mixup"]["width"]}
+        rng_bytes = sum(t.numel() * t.element_size() for t in state["rng"].values() if isinstance(t, torch.Tensor))
+        assert rng_bytes < 10_000
+
+
+def test_clip_resume_is_exact(clip_run, tmp_path):
+    """ATST-Clip remembers both views of a step; the rebuilt memory continues the run bit for bit."""
+    resumed = tmp_path / "resumed"
+    assert main(["clip", "--resume", str(clip_run / "checkpoints" / "step-00000001.pt"), "--out", str(resumed)]) == 0
+    a = checkpoint.read(clip_run / "checkpoints" / "step-00000002.pt")
+    b = checkpoint.read(resumed / "checkpoints" / "step-00000002.pt")
+    for key in ("modules", "optimizer", "rank_states", "encoder_state_dict"):
+        assert_same(a[key], b[key], key)
 
 
 def test_resume_refuses_to_change_the_math(frame_run):
@@ -370,6 +421,8 @@ def test_finetune_single_label(audio_dir, tmp_path):
     assert run("finetune", *args) == 0
     assert all(math.isfinite(r["loss"]) for r in read_log(tmp_path / "run"))
     assert json.loads((tmp_path / "run" / "export" / "training.json").read_text())["multilabel"] is False
+    # with mixup on (the recipes), single-label training uses binary cross-entropy, as the reference
+    assert checkpoint.read(tmp_path / "run" / "checkpoints" / "step-00000002.pt")["config"]["loss"] == "bce"
     assert af.load(tmp_path / "run" / "export").config.family == "frame"
 
 
@@ -412,12 +465,142 @@ def test_c2f_distillation(frame_run, finetune_run, labels_csv, tmp_path):
 def test_bad_settings_are_reported(audio_dir, tmp_path, capsys):
     assert run("finetune", "--data", str(audio_dir), "--out", str(tmp_path)) == 2
     assert "CSV" in capsys.readouterr().err
-    assert run("frame", "--data", str(audio_dir), "--out", str(tmp_path), "--crop-seconds", "12") == 2
-    assert "at most" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         config_from_args(["frame", "--out", str(tmp_path)])  # no --data
     assert main(["finetune", "--data", "x.csv", "--out", str(tmp_path), "--init", "m", "--arch", "small"]) == 2
     assert "--init sets the architecture" in capsys.readouterr().err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    fresh = tmp_path / "fresh"
+    data_args = ["--data", str(audio_dir)]
+    cases = [
+        (["--crop-seconds", "12"], "at most 250"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--ema", "1.5"], "--ema must be in (0, 1)"),
+        (["--out", str(a_file)], "is a file"),
+        (["--out", str(a_file / "sub")], "cannot be created"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+        (["--init", str(tmp_path / "missing")], "--init"),
+    ]
+    for extra, message in cases:
+        argv = ["frame", *TINY, *data_args, "--out", str(fresh), *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+        assert not fresh.exists()  # refused before anything was written or built
+    both = ["finetune", *TINY, "--data", str(audio_dir / "labels.csv"), "--out", str(fresh), "--epochs", "2", "--max-steps", "3"]
+    assert main(both) == 2 and "not both" in capsys.readouterr().err
+    assert main(["frame", *TINY, *data_args, "--out", str(fresh), "--max-steps", "0"]) == 2
+    assert "--max-steps must be >= 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def test_supervised_recipes_follow_the_official_scripts():
+    for (command, family, name), r in SUPERVISED_RECIPES.items():
+        assert 0.5 <= r.lr <= 3.0 and r.optimizer == "sgd" and r.layer_decay == 0.75 and r.loss == "bce"
+        assert 0 < r.warmup_epochs < r.epochs and 0 < r.mixup_prob <= 1 and r.clip_grad == 3.0 and r.source
+        assert (r.distill_weight is not None) == (command == "c2f")
+        twin = SUPERVISED_RECIPES.get((command, "frame" if family == "clip" else "clip", name))
+        if twin is not None:  # only FAMILY_FIELDS differ between the families
+            for f in fields(r):
+                if f.name not in (*FAMILY_FIELDS, "source"):
+                    assert getattr(r, f.name) == getattr(twin, f.name), (command, name, f.name)
+    r = SUPERVISED_RECIPES[("finetune", "clip", "audioset")]
+    assert (r.lr, r.epochs, r.warmup_epochs, r.batch_size) == (0.5, 10, 2, 128)
+
+
+def test_recipes_become_steps_and_losses(labels_csv, tmp_path):
+    def resolved(command="finetune", **kw) -> TrainConfig:
+        paths = {"init": str(labels_csv), "teacher": str(labels_csv)} if command == "c2f" else {}
+        return resolve(TrainConfig(command=command, data=str(labels_csv), out=str(tmp_path / "o"), **paths, **kw), False)
+
+    cfg = resolved()
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.recipe) == (0.5, 128, 10, None, "audioset")
+    done = finalize(cfg, "clip", batches_per_epoch=7, multilabel=False)
+    assert (done.max_steps, done.warmup_steps, done.loss, done.mixup_alpha) == (70, 14, "bce", 10.0)
+    assert finalize(done, "clip", 7, False) == done  # a complete config (a resumed one) stays as it is
+    assert finalize(resolved(family="frame"), "frame", 7, False).max_steps == 77  # 11 epochs for ATST-Frame
+    by_steps = finalize(resolved(max_steps=50), "clip", 7, False)
+    assert (by_steps.max_steps, by_steps.warmup_steps, by_steps.epochs) == (50, 10, None)  # the recipe's 2/10 warm-up
+    small = finalize(resolved(recipe="as20k"), "clip", 3, False)
+    assert (small.lr, small.max_steps, small.warmup_steps, small.mixup_prob, small.mixup_alpha) == (1.0, 600, 15, 1.0, 0.5)
+    c2f = finalize(resolved("c2f"), "frame", 2, True)
+    assert (c2f.lr, c2f.batch_size, c2f.distill_weight, c2f.max_steps) == (0.5, 320, 1.0, 22)
+    assert finalize(resolved("c2f", recipe="as20k"), "frame", 2, True).distill_weight == 0.5
+    # the reference's loss rule: cross-entropy only for single-label data without mixup
+    assert finalize(resolved(mixup_prob=0.0), "clip", 7, False).loss == "ce"
+    assert finalize(resolved(mixup_prob=0.0), "clip", 7, True).loss == "bce"
+    assert finalize(resolved(loss="ce"), "clip", 7, False).loss == "ce"
+    with pytest.raises(ValueError, match="single-label"):
+        finalize(resolved(loss="ce"), "clip", 7, True)
+    with pytest.raises(ValueError, match="not both"):
+        resolved(epochs=3.0, max_steps=10)
+    with pytest.raises(ValueError, match="ATST-clip, but the encoder is ATST-frame"):
+        finalize(resolved(family="clip"), "frame", 7, False)
+
+
+# ---------------------------------------------------------------------------- the data scan
+
+
+def _corpus_with_bad_files(audio_dir: Path, root: Path) -> Path:
+    """The eight good clips plus an empty file, a non-audio file, a 6 ms clip and a clip with no samples."""
+    root.mkdir()
+    for f in sorted(audio_dir.glob("clip*.wav")):
+        shutil.copy(f, root / f.name)
+    (root / "empty.wav").write_bytes(b"")
+    (root / "garbage.wav").write_bytes(b"not audio " * 50)
+    sf.write(root / "short.wav", np.zeros(100, np.float32), 16000)
+    sf.write(root / "silent.wav", np.zeros(0, np.float32), 16000)  # a header, no samples
+    return root
+
+
+def test_data_scan_skips_unusable_files(audio_dir, tmp_path, capsys, scan_cache):
+    root = _corpus_with_bad_files(audio_dir, tmp_path / "data")
+    args = ["--data", str(root), *BYOL, "--max-steps", "1"]
+    assert run("frame", *args, "--out", str(tmp_path / "a")) == 0
+    err = capsys.readouterr().err
+    assert "data: 8 of 12 files usable; 4 skipped (unreadable, empty or too short, listed in" in err
+    with open(tmp_path / "a" / scan.REPORT_NAME, newline="") as f:
+        rows = {Path(r["file"]).name: r for r in csv.DictReader(f)}
+    assert set(rows) == {"empty.wav", "garbage.wav", "short.wav", "silent.wav"}
+    assert rows["empty.wav"]["reason"] == "empty: 0 bytes" and rows["silent.wav"]["reason"] == "empty: no samples"
+    assert rows["garbage.wav"]["reason"].startswith("unreadable") and rows["short.wav"]["reason"].startswith("too short")
+    assert {r["when"] for r in rows.values()} == {"scan"}
+    # cached per corpus: the second run reads no header again, and --strict-data refuses the data
+    assert scan.cache_path(root).is_file() and scan.cache_path(root).is_relative_to(scan_cache)
+    assert run("frame", *args, "--out", str(tmp_path / "b"), "--strict-data") == 2
+    err = capsys.readouterr().err
+    assert "(12 from the scan cache)" in err and "4 training files are unusable" in err
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    # a changed file is probed again
+    shutil.copy(root / "clip0.wav", root / "garbage.wav")
+    result = scan.scan(data.list_audio(root), str(root), workers=2)
+    assert result.cached == 11 and len(result.problems) == 3
+
+
+def test_file_failing_later_is_skipped(audio_dir, tmp_path, capsys):
+    """A file that breaks after the scan is replaced by the next one, counted and reported; the run goes on."""
+    root = tmp_path / "data"
+    shutil.copytree(audio_dir, root, ignore=shutil.ignore_patterns("*.csv"))
+    cfg, saved = config_from_args(["frame", *TINY, *BYOL, "--data", str(root), "--out", str(tmp_path / "run"), "--max-steps", "2"])
+    trainer = Trainer(cfg, saved)
+    (root / "clip3.wav").write_bytes(b"the disk changed")
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    rows = read_log(tmp_path / "run")
+    assert rows[-1]["skipped_files"] == 1 and all(math.isfinite(r["loss"]) for r in rows)
+    report = (tmp_path / "run" / scan.REPORT_NAME).read_text().splitlines()
+    assert len(report) == 2 and "clip3.wav" in report[1] and report[1].endswith(("step 1", "step 2"))
+    assert "warning: skipped" in capsys.readouterr().err
+    ds = data.CropDataset(data.list_audio(root), [data.Crop(1.0)], seed=0)
+    item = ds[(3, 0)]
+    assert [Path(p).name for p, _ in item["skipped"]] == ["clip3.wav"]
+    assert torch.equal(item["crops"][0], ds[(4, 0)]["crops"][0])  # the next file took its place, same crop
 
 
 # ---------------------------------------------------------------------------- DDP on CPU
@@ -471,6 +654,7 @@ def test_ddp_two_processes_gloo(audio_dir, tmp_path):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003.pt"]
     ck = checkpoint.read(out / "checkpoints" / "step-00000003.pt")
     assert ck["world_size"] == 2 and len(ck["rank_states"]) == 2
+    assert [s["mixup"]["writes"] for s in ck["rank_states"]] == [6, 6]  # no memory rows in the checkpoint
     assert not torch.equal(ck["rank_states"][0]["rng"]["torch"], ck["rank_states"][1]["rng"]["torch"])
     assert_same(ck["modules"]["student"], r0["student"])
     rows = read_log(out)

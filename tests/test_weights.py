@@ -69,23 +69,29 @@ def test_tampered_directory_is_refused_with_both_hashes(tmp_path):
     assert recorded in str(err.value) and actual in str(err.value)
 
 
-def test_directory_without_checksums_loads(tmp_path):
+def test_directory_without_checksums_loads_with_a_warning(tmp_path):
     c = convert(tiny("clip"), num_heads=TINY_HEADS)
     weights.save_converted(c.config, c.state_dict, tmp_path)
     (tmp_path / weights.CHECKSUMS_NAME).unlink()
-    assert af.load(tmp_path).config.family == "clip"
+    with pytest.warns(UserWarning, match="UNVERIFIED"):
+        assert af.load(tmp_path).config.family == "clip"
 
 
 # ---------------------------------------------------------------------------- loading official files
 
 
 def test_load_official_file_in_memory_keeps_the_head(tmp_path, strong_dir):
-    """``load(file)`` converts in memory, head included (heads from the recorded arch: small -> 6)."""
+    """``load(file)`` converts in memory, head included (heads from the recorded arch, which must fit the width)."""
     from_dir = af.load(strong_dir)
     assert from_dir.head is not None and from_dir.head.level == "frame" and from_dir.head.labels[0] == "/m/0000"
-    src = _write(tmp_path, "ft.ckpt", {**make_finetuned(), "hyper_parameters": {"arch": "small"}})
-    model = af.load(src)
-    assert model.config.num_heads == 6 and model.head is not None and model.head.num_classes == N_CLASSES
+    src = _write(tmp_path, "ft.ckpt", {**make_finetuned(), "hyper_parameters": {"nclass": N_CLASSES}})
+    with pytest.raises(CheckpointError, match="num_heads"):
+        af.load(src)  # 48 wide: no arch, no width rule gives its heads
+    src = _write(tmp_path, "ft-small.ckpt", {**make_finetuned(), "hyper_parameters": {"arch": "small"}})
+    with pytest.raises(CheckpointError, match="arch 'small'.*384 wide.*48 wide"):
+        af.load(src)  # an arch that contradicts the width is not trusted for the heads
+    model = af.load(af.convert_checkpoint(_write(tmp_path, "ft3.ckpt", make_finetuned()), tmp_path / "ft3", num_heads=TINY_HEADS))
+    assert model.config.num_heads == TINY_HEADS and model.head is not None and model.head.num_classes == N_CLASSES
 
 
 def test_load_model_safetensors_path_means_its_directory(strong_dir):

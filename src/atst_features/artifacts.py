@@ -9,6 +9,11 @@ A converted model is a directory with
   names are known, ``labels.json`` (a JSON list, score order);
 - ``checksums.json``: the sha256 of each of these files and where the weights came from.
 
+Reading a directory checks everything it loads: each of these files must be listed in
+``checksums.json`` and match its sha256 (a present but unlisted one is refused); a directory
+without ``checksums.json`` loads with a warning that it is unverified. The config must be in
+range and the weights must have exactly its keys and shapes, finite, before a model is built.
+
 Every file is written through ``atomic_write`` (a unique temporary file beside it, then
 ``os.replace``), so readers and concurrent writers never see a partial file. Official files are
 read without running code (``read_checkpoint``) and turned into a directory by ``convert.py``
@@ -20,6 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import warnings
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from . import convert
 from .atomic import atomic_write, write_text_atomic
+from .errors import CheckpointError, IntegrityError, ModelNotFoundError
 from .heads import LEVELS, ClassificationHead
 from .model import ATSTConfig
 
@@ -38,10 +47,9 @@ CHECKSUMS_NAME = "checksums.json"
 HEAD_NAME = "head.safetensors"
 LABELS_NAME = "labels.json"
 HASH_CHUNK = 1 << 22  # bytes read at a time when hashing (4 MiB)
-
-
-class IntegrityError(RuntimeError):
-    """A file whose sha256 is not the one recorded for it."""
+#: The files of a model directory that are read (everything else in the folder is left alone).
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, HEAD_NAME, LABELS_NAME)
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------------------- hashing and atomic writes
@@ -76,30 +84,69 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def read_checksums(directory: str | os.PathLike) -> dict | None:
-    """``directory/checksums.json`` (``{"files": {name: sha256}, "source": {...}}``), or ``None`` without one."""
-    record = Path(directory) / CHECKSUMS_NAME
-    if not record.is_file():
+    """``directory/checksums.json`` (``{"files": {name: sha256}, "source": {...}}``), or ``None`` without one.
+
+    Raises:
+        IntegrityError: the record is not of that form.
+    """
+    record_path = Path(directory) / CHECKSUMS_NAME
+    if not record_path.is_file():
         return None
-    return json.loads(record.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IntegrityError(f"{str(record_path)!r} is not a JSON record of checksums: {e}") from None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and SHA256_RE.fullmatch(v) for k, v in files.items()
+    ):
+        raise IntegrityError(f"{str(record_path)!r} must hold {{\"files\": {{name: sha256}}, ...}}")
+    return record
 
 
 def verify_directory(directory: str | os.PathLike, way_out: str | None = None) -> bool:
-    """Check every file listed in ``directory/checksums.json``; returns False when there is no such list.
+    """Check a model directory against its ``checksums.json``; returns False when there is no such record.
 
-    ``way_out`` is the advice that ends the error message (how to get an intact copy).
+    Every model file present (``MODEL_FILES``) must be listed, and every listed file must be
+    present and match its sha256. ``way_out`` is the advice that ends the error message (how to get
+    an intact copy).
 
     Raises:
-        IntegrityError: naming the file and both hashes, when a file differs from its record.
+        IntegrityError: naming the file (and both hashes), when a file differs from its record, is
+            missing, or is present but not listed.
     """
     directory = Path(directory)
     record = read_checksums(directory)
     if record is None:
         return False
-    for fname, expected in record["files"].items():
+    way_out = way_out or "Convert the official file again."
+    listed = record["files"]
+    for fname in MODEL_FILES:
+        if (directory / fname).exists() and fname not in listed:
+            raise IntegrityError(
+                f"{str(directory / fname)!r} is not listed in {CHECKSUMS_NAME}, so it is not loaded: it was not written "
+                f"with the other files (it was put there later). Delete it if it does not belong. {way_out}"
+            )
+    for fname, expected in listed.items():
+        if fname not in MODEL_FILES:
+            raise IntegrityError(f"{str(directory / CHECKSUMS_NAME)!r} lists {fname!r}, which is not a model file")
         if not (directory / fname).is_file():
-            raise IntegrityError(f"{str(directory / fname)!r} is listed in {CHECKSUMS_NAME} but missing")
-        check_sha256(directory / fname, expected, way_out or "Convert the official file again.")
+            raise IntegrityError(f"{str(directory / fname)!r} is listed in {CHECKSUMS_NAME} but missing. {way_out}")
+        check_sha256(directory / fname, expected, way_out)
     return True
+
+
+def check_pinned(directory: str | os.PathLike, pinned: Mapping[str, str], way_out: str) -> None:
+    """Check the files of ``pinned`` (name -> sha256) in ``directory``; the others are not read.
+
+    Raises:
+        IntegrityError: a pinned file is missing or differs.
+    """
+    directory = Path(directory)
+    for fname, expected in pinned.items():
+        if not (directory / fname).is_file():
+            raise IntegrityError(f"{str(directory / fname)!r} is pinned but missing. {way_out}")
+        check_sha256(directory / fname, expected, way_out)
 
 
 def _write_checksums(directory: Path, files: list[str], source: dict | None) -> None:
@@ -143,9 +190,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors checks its header and offsets against the file
+            raise CheckpointError(f"cannot read {str(path)!r} as a safetensors file: {e}") from None
     if not hasattr(torch.serialization, "safe_globals"):
-        raise convert.CheckpointError(
+        raise CheckpointError(
             "reading official ATST pickles safely needs torch.serialization.safe_globals; upgrade torch to 2.5 or newer"
         )
     try:
@@ -157,7 +207,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                     raise
                 return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler names the global that is not allowed
-        raise convert.CheckpointError(
+        raise CheckpointError(
             f"cannot read {str(path)!r} as an ATST checkpoint: {e}\nOnly plain data is read from checkpoint files. "
             "If you trust this file and it needs more, load it yourself with torch.load and pass the dict to "
             "atst_features.convert.convert()."
@@ -172,9 +222,12 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        labels = json.loads(text)
+        try:
+            labels = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{str(path)!r} is not JSON: {e}") from None
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise ValueError(f"{str(path)!r} must hold a JSON list of class names (strings)")
+            raise CheckpointError(f"{str(path)!r} must hold a JSON list of class names (strings)")
         return labels
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -200,19 +253,36 @@ def save_head(
     return written
 
 
-def load_head(directory: str | os.PathLike) -> ClassificationHead | None:
-    """The head stored in a converted model directory (in eval mode), or ``None`` when it has none."""
+def load_head(directory: str | os.PathLike, config: ATSTConfig | None = None) -> ClassificationHead | None:
+    """The head stored in a converted model directory (in eval mode), or ``None`` when it has none.
+
+    Its keys, shapes and values are checked (against ``config``'s width, when given) before it is built.
+
+    Raises:
+        CheckpointError: the head or its labels file is malformed, or labels come without a head.
+    """
     directory = Path(directory)
     path = directory / HEAD_NAME
     if not path.is_file():
+        if (directory / LABELS_NAME).is_file():
+            raise CheckpointError(f"{str(directory)!r} has {LABELS_NAME} but no {HEAD_NAME}")
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state_dict = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {str(path)!r} as a safetensors file: {e}") from None
     level, multilabel = meta.get("level"), meta.get("multilabel", "true") == "true"
-    labels = read_labels(directory / LABELS_NAME) if (directory / LABELS_NAME).is_file() else None
     if level not in LEVELS:
-        raise ValueError(f"{str(path)!r} does not record its level ('clip' or 'frame') in its metadata")
-    return ClassificationHead.from_state_dict(load_file(str(path)), level, labels, multilabel)
+        raise CheckpointError(f"{str(path)!r} does not record its level ('clip' or 'frame') in its metadata")
+    if config is not None:
+        state_dict, _ = convert.convert_head(state_dict, config, level, HEAD_NAME + ":")
+    labels = read_labels(directory / LABELS_NAME) if (directory / LABELS_NAME).is_file() else None
+    try:
+        return ClassificationHead.from_state_dict(state_dict, level, labels, multilabel)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a classification head: {e}") from None
 
 
 # ---------------------------------------------------------------------------- writing converted models
@@ -249,11 +319,11 @@ def save_converted(
     return out
 
 
-def _source_record(path: Path, converted: convert.Converted, **extra) -> dict:
+def _source_record(path: Path, converted: convert.Converted, sha256: str | None, **extra) -> dict:
     return {
         "file": path.name,
         "size": path.stat().st_size,
-        "sha256": sha256_file(path),
+        "sha256": sha256 or sha256_file(path),
         "layout": converted.layout,
         **extra,
     }
@@ -264,12 +334,15 @@ def write_converted(
     src: Path,
     out_dir: str | os.PathLike,
     labels: str | os.PathLike | list[str] | None = None,
+    *,
+    src_sha256: str | None = None,
     **provenance,
 ) -> Path:
     """Write ``convert.convert``'s result for the official file ``src`` as a model directory.
 
-    ``labels``: the head's class names (a list or a labels file); ``provenance``: extra fields of
-    the ``source`` record in ``checksums.json`` (e.g. the manifest name and URL).
+    ``labels``: the head's class names (a list or a labels file); ``src_sha256``: the sha256 of
+    ``src`` when the caller has it (else it is hashed); ``provenance``: extra fields of the
+    ``source`` record in ``checksums.json`` (e.g. the manifest name and URL).
     """
     if labels is None:
         labels = converted.labels
@@ -285,7 +358,7 @@ def write_converted(
         head_level=converted.head_level,
         labels=labels,
         multilabel=converted.multilabel,
-        source=_source_record(Path(src), converted, **provenance),
+        source=_source_record(Path(src), converted, src_sha256, **provenance),
     )
 
 
@@ -297,6 +370,7 @@ def convert_checkpoint(
     *,
     head_level: str | None = None,
     labels: str | os.PathLike | list[str] | None = None,
+    depth: int | None = None,
 ) -> Path:
     """Convert an official ATST checkpoint file to a model directory that ``load`` reads offline.
 
@@ -310,12 +384,15 @@ def convert_checkpoint(
         head_level: "clip" or "frame" for a classification head; inferred when omitted.
         labels: the head's class names in score order: a list, a JSON list file or a text file
             with one name per line.
+        depth: the blocks the encoder must have (default: the official 12).
 
     Returns:
         ``out_dir`` as a ``Path``.
     """
     src = Path(src)
-    converted = convert.convert(read_checkpoint(src), family=family, num_heads=num_heads, head_level=head_level)
+    converted = convert.convert(
+        read_checkpoint(src), family=family, num_heads=num_heads, head_level=head_level, depth=depth
+    )
     return write_converted(converted, src, out_dir, labels)
 
 
@@ -328,10 +405,11 @@ class ModelDir:
 
     Attributes:
         config: the encoder's ``ATSTConfig``.
-        state_dict: the encoder in our parameter names (as stored, CPU).
+        state_dict: the encoder in our parameter names (as stored, CPU), checked against ``config``.
         head: the classification head (eval mode), or ``None``.
         weights_sha256: sha256 of ``model.safetensors`` (64 hex digits).
         directory: the directory that was read.
+        verified: whether every file read was checked against a recorded or pinned sha256.
     """
 
     config: ATSTConfig
@@ -339,37 +417,98 @@ class ModelDir:
     head: ClassificationHead | None
     weights_sha256: str
     directory: Path
+    verified: bool = True
+
+
+def read_config(path: str | os.PathLike) -> ATSTConfig:
+    """An ``ATSTConfig`` from a ``config.json``, every field checked.
+
+    Raises:
+        CheckpointError: the file is not JSON, or a field is unknown, of the wrong type or out of range.
+    """
+    try:
+        return ATSTConfig.from_json(path)
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a usable ATST config: {e}") from None
+
+
+def read_weights(path: str | os.PathLike, config: ATSTConfig) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` for ``config``: exactly its keys and shapes, finite floats.
+
+    Nothing is built and nothing beyond the file's own tensors is allocated before this passes.
+
+    Raises:
+        CheckpointError: naming the key, or the file is not a safetensors file.
+    """
+    try:
+        state_dict = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {str(path)!r} as a safetensors file: {e}") from None
+    convert.check_state_dict(state_dict, convert._encoder_shapes(config), f"{str(path)!r} (against its config.json)")
+    return state_dict
 
 
 def read_model_dir(
-    directory: str | os.PathLike, verify: bool = True, *, weights_sha256: str | None = None
+    directory: str | os.PathLike,
+    verify: bool = True,
+    *,
+    weights_sha256: str | None = None,
+    pinned: Mapping[str, str] | None = None,
+    way_out: str | None = None,
 ) -> ModelDir:
     """Read a converted model directory (``config.json`` + ``model.safetensors`` [+ head files]).
 
     Args:
         directory: the directory.
-        verify: check the files listed in its ``checksums.json`` (when present) first.
+        verify: check it against its ``checksums.json`` first (``verify_directory``); without one
+            the files are read with a warning that they are unverified.
         weights_sha256: the weights' sha256 when the caller has just checked it (``weights.download``
             does). Otherwise it comes from ``checksums.json`` when verified, or the weights file is
             hashed once.
+        pinned: file name -> sha256 from elsewhere (a manifest's Hub block): only these files are
+            read, each checked; ``checksums.json`` and any other file are ignored.
+        way_out: the advice that ends an integrity error (how to get an intact copy).
 
     Raises:
-        FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
-        IntegrityError: with ``verify``, a file differs from its record.
+        ModelNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
+        IntegrityError: a file differs from its record, or is present but not listed.
+        CheckpointError: the config is out of range, or the weights or head do not match it.
     """
     directory = Path(directory)
+    readable: Collection[str] = MODEL_FILES if pinned is None else [f for f in MODEL_FILES if f in pinned]
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / fname).is_file():
-            raise FileNotFoundError(
-                f"{str(directory)!r} has no {fname}; a converted model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        if fname not in readable or not (directory / fname).is_file():
+            raise ModelNotFoundError(
+                f"{str(directory)!r} has no {fname}{'' if pinned is None else ' that is pinned'}; a converted model "
+                f"directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
             )
-    verified = verify and verify_directory(directory)
-    if weights_sha256 is None and verified:
-        weights_sha256 = read_checksums(directory)["files"].get(WEIGHTS_NAME)
+    verified = False
+    if pinned is not None:
+        check_pinned(directory, pinned, way_out or "Fetch it again.")
+        verified = True
+        weights_sha256 = weights_sha256 or pinned[WEIGHTS_NAME]
+    elif verify:
+        verified = verify_directory(directory, way_out)
+        if verified:
+            weights_sha256 = weights_sha256 or read_checksums(directory)["files"][WEIGHTS_NAME]
+        else:
+            warnings.warn(
+                f"{str(directory)!r} has no {CHECKSUMS_NAME}: its files are loaded UNVERIFIED (nothing says they are "
+                "the ones that were converted). Convert the official file again to get a verified directory.",
+                stacklevel=3,
+            )
+    config = read_config(directory / CONFIG_NAME)
+    state_dict = read_weights(directory / WEIGHTS_NAME, config)
+    head = None
+    if HEAD_NAME in readable:
+        head = load_head(directory, config)
+    elif pinned is not None and LABELS_NAME in pinned:
+        raise CheckpointError(f"the pinned files of {str(directory)!r} have {LABELS_NAME} but no {HEAD_NAME}")
     return ModelDir(
-        config=ATSTConfig.from_json(directory / CONFIG_NAME),
-        state_dict=load_file(str(directory / WEIGHTS_NAME)),
-        head=load_head(directory),
+        config=config,
+        state_dict=state_dict,
+        head=head,
         weights_sha256=weights_sha256 or sha256_file(directory / WEIGHTS_NAME),
         directory=directory,
+        verified=verified,
     )

@@ -92,7 +92,7 @@ class FrameBackbone(nn.Module):
             raise ValueError(f"waveforms must be (batch, samples), got shape {tuple(waveforms.shape)}")
         cfg = self.encoder.cfg
         device = self.encoder.pos_embed.device
-        mel, n_frames = frontend.log_mel(waveforms.to(device), lengths)  # (B, 64, T), (B,)
+        mel, n_frames = frontend.log_mel(waveforms.to(device), lengths, db_clamp=cfg.db_clamp)  # (B, 64, T), (B,)
         plans = [pooling.frame_chunks(i, int(n), cfg.spec_w, cfg.patch_w) for i, n in enumerate(n_frames)]
         chunks = [c for plan in plans for c in plan]
         out = encode_chunks(self.encoder, gather(mel, chunks), [c.tokens for c in chunks], self.blocks)

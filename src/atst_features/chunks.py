@@ -262,7 +262,7 @@ class Engine:
         try:
             segments = torch.nn.utils.rnn.pad_sequence([p.segment.to(device, non_blocking=True) for p in pieces], batch_first=True)
             peaks = torch.tensor([float("nan") if p.peak_db is None else p.peak_db for p in pieces])
-            mel = frontend.log_mel_segments(segments, torch.tensor([p.n_frames for p in pieces]), peaks)  # (B, M, T)
+            mel = frontend.log_mel_segments(segments, torch.tensor([p.n_frames for p in pieces]), peaks, db_clamp=self.cfg.db_clamp)  # (B, M, T)
         except torch.OutOfMemoryError:
             if len(pieces) == 1:
                 self.fail(pieces[0].idx, "out of GPU memory computing the mel of one window")

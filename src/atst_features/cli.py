@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from . import __version__
+from .version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,10 +21,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_embed_parser(sub)
     add_weights_parsers(sub)
+    add_export_parser(sub)
     train = sub.add_parser("train", help="pretrain or fine-tune ATST models (needs the [train] extra)", add_help=False)
+    train.add_argument("-h", "--help", action=_TrainHelp, help="show the training command's help and exit")
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(func=_train)
     return parser
+
+
+class _TrainHelp(argparse.Action):
+    """``atst-features train --help``: the help of the training command's own parser."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            from .train.__main__ import build_parser as train_parser
+        except ImportError as e:
+            parser.exit(2, f"atst-features train needs the training extra: pip install 'atst-features[train]' ({e})\n")
+        train_parser().print_help()
+        parser.exit(0)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -58,15 +75,20 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
 
     p = sub.add_parser(
         "embed",
-        help="embed a folder, file or list of audio files into .npz files (resumable)",
+        help="embed folders, files or lists of audio files into .npz files (resumable)",
         description=(
-            "Embed every audio file under INPUT into OUT/<relative path>.npz (arrays clip, frames, timestamps), "
+            "Embed every audio file under the INPUTs into OUT/<relative path>.npz (arrays clip, frames, timestamps), "
             "with OUT/index.jsonl (one row per input: ok / skipped / failed) and OUT/metadata.json. "
-            "A rerun skips what is up to date. The exit status is 1 when a file failed."
+            "With several INPUTs, paths are relative to the deepest folder holding them all. "
+            "A rerun skips what is up to date. The exit status is 1 when a file failed, or when nothing was "
+            "embedded because container files (m4a, mp4, webm, ...) need PyAV (pip install 'atst-features[av]')."
         ),
     )
     p.add_argument(
-        "input", metavar="INPUT", help="a folder (recursive), an audio file, or a list of paths (@FILE or .txt/.lst/.list)"
+        "input",
+        metavar="INPUT",
+        nargs="+",
+        help="folders (recursive), audio files, lists of paths (@FILE or .txt/.lst/.list), or - for a list on stdin",
     )
     p.add_argument("--out", required=True, metavar="OUT", help="output folder")
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|DIR|FILE", help=f"model to load (default {DEFAULT_MODEL})")
@@ -84,48 +106,75 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--force", action="store_true", help="recompute outputs that are up to date")
     p.add_argument("--stream-seconds", type=float, default=600.0, help="decode files longer than this in blocks (default 600)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--format",
+        choices=["npz", "parquet"],
+        default="npz",
+        help="npz (default), or parquet: also gather the outputs into OUT/embeddings.parquet (needs the [parquet] extra)",
+    )
     p.set_defaults(func=_embed)
     return p
 
 
 def _embed(args: argparse.Namespace) -> int:
+    import warnings
+    from pathlib import Path
+
     import torch
 
-    from .batch import embed_folder
+    from .batch import ContainersSkipped, OutputFolderError, embed_folder, printable
+    from .errors import LoadError
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     try:
-        summary = embed_folder(
-            args.input,
-            args.out,
-            model=args.model,
-            device=device,
-            dtype=dtype,
-            what=args.what,
-            clip_layers=args.layers if args.layers is not None else args.clip_layers,
-            frame_layers=args.layers if args.layers is not None else args.frame_layers,
-            frames_dtype=args.frames_dtype,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            shard=args.shard,
-            force=args.force,
-            progress=not args.no_progress,
-            stream_seconds=args.stream_seconds,
-            compile=args.compile,
-        )
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        print(f"atst-features embed: {e}", file=sys.stderr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ContainersSkipped)
+            summary = embed_folder(
+                args.input,
+                args.out,
+                model=args.model,
+                device=device,
+                dtype=dtype,
+                what=args.what,
+                clip_layers=args.layers if args.layers is not None else args.clip_layers,
+                frame_layers=args.layers if args.layers is not None else args.frame_layers,
+                frames_dtype=args.frames_dtype,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                shard=args.shard,
+                force=args.force,
+                progress=not args.no_progress,
+                stream_seconds=args.stream_seconds,
+                compile=args.compile,
+            )
+    except (FileNotFoundError, ValueError, TypeError, OutputFolderError, LoadError) as e:  # one line, no traceback
+        print(f"atst-features embed: {printable(str(e))}", file=sys.stderr)
         return 2
-    for rel, error in summary.failures[:_MAX_FAILURES_SHOWN]:
-        print(f"failed: {rel}: {error}", file=sys.stderr)
+    for rel, error in summary.failures[:_MAX_FAILURES_SHOWN]:  # names escaped for the terminal
+        print(f"failed: {printable(rel)}: {printable(error)}", file=sys.stderr)
     if len(summary.failures) > _MAX_FAILURES_SHOWN:
         more = len(summary.failures) - _MAX_FAILURES_SHOWN
-        print(f"... and {more} more failures (see {summary.index_path})", file=sys.stderr)
-    print(summary, file=sys.stderr)
-    return summary.exit_status
+        print(f"... and {more} more failures (see {printable(str(summary.index_path))})", file=sys.stderr)
+    skipped = sum(w.message.count for w in caught if isinstance(w.message, ContainersSkipped))
+    for w in caught:
+        if isinstance(w.message, ContainersSkipped):
+            print(f"atst-features embed: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    print(printable(str(summary)), file=sys.stderr)
+    status = summary.exit_status or (1 if skipped and not (summary.ok or summary.skipped) else 0)
+    if args.format == "parquet" and summary.aborted is None and (summary.ok or summary.skipped):
+        from .batch.read import PARQUET_NAME, to_parquet
+
+        try:
+            print(f"wrote {printable(str(to_parquet(args.out, Path(args.out) / PARQUET_NAME)))}", file=sys.stderr)
+        except (ImportError, OSError, ValueError) as e:
+            print(f"atst-features embed: {printable(str(e))}", file=sys.stderr)
+            return 2
+    return status
 
 
 # ---- end of embed subcommand
@@ -135,7 +184,11 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def add_weights_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``convert``, ``download``, ``list`` and ``publish`` on the ``atst-features`` command."""
+    """Register ``convert``, ``download``, ``list`` and ``publish`` on the ``atst-features`` command.
+
+    Each turns the loader's errors (``weights.LoadError``) and file-system errors into one line on
+    stderr and exit status 1, without a traceback.
+    """
     p = sub.add_parser("convert", help="convert an official ATST checkpoint to a model directory")
     p.add_argument("input", help="official checkpoint (.ckpt / .pth / .safetensors)")
     p.add_argument("out_dir", help="directory to write (config.json, model.safetensors, ...)")
@@ -143,6 +196,7 @@ def add_weights_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-heads", type=int, help="attention heads (default: from the file's arch or the width)")
     p.add_argument("--head-level", choices=["clip", "frame"], help="level of a classification head (default: inferred)")
     p.add_argument("--labels", help="class names of the head: a JSON list or a text file with one name per line")
+    p.add_argument("--depth", type=int, help="blocks the encoder must have (default: the official 12)")
     p.set_defaults(func=_convert)
 
     cache_help = "cache directory (default: $ATST_FEATURES_CACHE or ~/.cache/atst-features)"
@@ -151,11 +205,18 @@ def add_weights_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="a model name (see `atst-features list`)")
     p.add_argument("--cache-dir", help=cache_help)
     p.add_argument("--manifest", help=manifest_help)
-    p.add_argument("--force", action="store_true", help="discard a cached copy and fetch it again")
+    p.add_argument("--force", action="store_true", help="discard a cached copy and partial downloads, and fetch it again")
+    p.add_argument(
+        "--allow-other-file",
+        action="store_true",
+        default=None,
+        help="accept a file that differs from its pinned size and sha256 (a warning, not an error; also "
+        "ATST_FEATURES_ALLOW_OTHER_FILE=1): only for a file you knowingly use",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_download)
 
-    p = sub.add_parser("list", help="list the published models and whether they are cached")
+    p = sub.add_parser("list", help="list the published models, their licences and pins, and whether they are cached")
     p.add_argument("--cache-dir", help=cache_help)
     p.add_argument("--manifest", help=manifest_help)
     p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
@@ -171,8 +232,15 @@ def add_weights_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_publish)
 
 
+def _fail(command: str, error: BaseException) -> int:
+    """One line (or the few lines of the message) for an error of the loader or the file system: exit status 1."""
+    print(f"atst-features {command}: {error}", file=sys.stderr)
+    return 1
+
+
 def _convert(args: argparse.Namespace) -> int:
     from . import artifacts, convert
+    from .errors import LoadError
 
     try:
         converted = convert.convert(
@@ -180,11 +248,11 @@ def _convert(args: argparse.Namespace) -> int:
             family=args.family,
             num_heads=args.num_heads,
             head_level=args.head_level,
+            depth=args.depth,
         )
         out = artifacts.write_converted(converted, args.input, args.out_dir, args.labels)
-    except (convert.CheckpointError, ValueError, OSError) as e:
-        print(f"atst-features convert: {e}", file=sys.stderr)
-        return 1
+    except (LoadError, ValueError, OSError) as e:
+        return _fail("convert", e)
     print(converted.summary())
     print(f"wrote {out}")
     return 0
@@ -195,41 +263,54 @@ def _download(args: argparse.Namespace) -> int:
 
     try:
         path = weights.download(
-            args.name, cache_dir=args.cache_dir, manifest=args.manifest, progress=not args.quiet, force=args.force
+            args.name,
+            cache_dir=args.cache_dir,
+            manifest=args.manifest,
+            progress=not args.quiet,
+            force=args.force,
+            allow_other_file=args.allow_other_file,
         )
-    except (KeyError, weights.DownloadError, weights.IntegrityError, ValueError) as e:
-        print(f"atst-features download: {e}", file=sys.stderr)
-        return 1
+    except (weights.LoadError, OSError) as e:
+        return _fail("download", e)
     print(path)
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from . import registry, weights
+    from . import fetch, registry, weights
 
-    specs = registry.manifest(args.manifest)
-    if args.json:
-        print(json.dumps([dict(s.raw) for s in specs.values()], indent=2))
-        return 0
-    rows = [("name", "family", "arch", "clip dim", "frame dim", "head", "cached", "source")]
-    for name, s in specs.items():
-        cached = weights.is_cached(name, cache_dir=args.cache_dir, manifest=args.manifest)
-        host = "hub" if s.hub.published else s.source.url.split("/")[2]
-        rows.append(
-            (
-                name,
-                s.family,
-                s.arch or "?",
-                str((s.outputs.get("clip_dim") or {}).get("all", "?")),
-                str((s.outputs.get("frame_dim") or {}).get("all", "?")),
-                f"{s.head.level} x{s.head.num_classes}" if s.head else "-",
-                "yes" if cached else "no",
-                host,
+    try:
+        specs = registry.manifest(args.manifest)
+        if args.json:
+            print(json.dumps([dict(s.raw) for s in specs.values()], indent=2))
+            return 0
+        rows = [("name", "family", "arch", "clip dim", "frame dim", "head", "licence", "pin", "cached", "source")]
+        for name, s in specs.items():
+            cached = weights.is_cached(name, cache_dir=args.cache_dir, manifest=args.manifest)
+            hosts = ["hub"] if s.hub.published else [fetch.host_of(src.url) for src in s.sources]
+            rows.append(
+                (
+                    name,
+                    str(s.family),
+                    s.arch or "?",
+                    str((s.outputs.get("clip_dim") or {}).get("all", "?")),
+                    str((s.outputs.get("frame_dim") or {}).get("all", "?")),
+                    f"{s.head.level} x{s.head.num_classes or '?'}" if s.head else "-",
+                    (s.licence.spdx if s.licence else None) or "not stated",
+                    weights.pin_status(name, cache_dir=args.cache_dir, manifest=args.manifest),
+                    "yes" if cached else "no",
+                    ", ".join(hosts) or "-",
+                )
             )
-        )
+    except (weights.LoadError, OSError) as e:
+        return _fail("list", e)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(
+        "\npin: 'pinned' = size and sha256 fixed by the manifest; 'first-use' = fixed by the first verified download "
+        "into this cache (pins.json). Licences: see each entry's attribution (`atst-features list --json`)."
+    )
     return 0
 
 
@@ -240,14 +321,59 @@ def _publish(args: argparse.Namespace) -> int:
         block = hub.publish(
             args.dir, args.repo_id, name=args.name, manifest=args.manifest, private=args.private, token=args.token
         )
-    except (KeyError, FileNotFoundError, weights.IntegrityError) as e:
-        print(f"atst-features publish: {e}", file=sys.stderr)
-        return 1
+    except (weights.LoadError, OSError) as e:
+        return _fail("publish", e)
     print(json.dumps({"hub": block}, indent=2))
     return 0
 
 
 # ---- end of weights subcommands
+
+
+# ---- export subcommand (atst_features.onnx_export; needs the [onnx] extra)
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``atst-features export`` (``onnx_export.export_onnx``)."""
+    from .embed import DEFAULT_MODEL
+    from .onnx_export import DEFAULT_OPSET
+
+    p = sub.add_parser(
+        "export",
+        help="export the encoder as an ONNX graph for ONNX Runtime (needs the [onnx] extra)",
+        description=(
+            "Write the encoder of MODEL as one ONNX graph: inputs mel (B, 64, T <= 1001) float32 and n_tokens (B,) "
+            "int64, output features (B, L, N, D), the normed output of each exported block ([CLS] first for "
+            "ATST-Clip). The config and blocks are in the graph's metadata; onnx_export.OnnxForward runs it."
+        ),
+    )
+    p.add_argument("out", metavar="OUT", help="the .onnx file to write")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|DIR|FILE", help=f"model to load (default {DEFAULT_MODEL})")
+    p.add_argument("--layers", type=_layers_arg, default="all", help="blocks the graph outputs (default all)")
+    p.add_argument("--int8", action="store_true", help="quantize the weight matrix multiplications to int8")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.set_defaults(func=_export)
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from . import onnx_export, weights
+    from .embed import resolve_layers
+
+    try:
+        model = weights.load(args.model)
+        blocks = resolve_layers(args.layers, model.config.depth)
+        path = onnx_export.export_onnx(
+            model.encoder, args.out, blocks=blocks, opset=args.opset, int8=args.int8,
+            weights_sha256=model.weights_sha256,
+        )
+    except (weights.LoadError, ImportError, ValueError, OSError) as e:
+        return _fail("export", e)
+    print(path)
+    return 0
+
+
+# ---- end of export subcommand
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import frontend
-from .audio import load_audio, prepare_waveform
+from .audio import check_dense, load_audio, loud_peak, prepare_waveform, warn_loud
 from .chunks import Request, encode_chunks, run_waveforms
 from .dtypes import resolve_dtype
 from .heads import ClassificationHead
@@ -30,11 +30,17 @@ Layers = Union[str, int, Sequence[int]]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device from its name, checked: CUDA must be available when asked for."""
+    """A torch device from its name, checked: CUDA must be available when asked for.
+
+    ``"auto"`` means CUDA (the current device) when it is available, else the CPU; it is only
+    ever used when asked for, never a default.
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a device (use e.g. 'cpu', 'cuda', 'cuda:1'): {e}") from None
+        raise ValueError(f"device={device!r} is not a device (use e.g. 'cpu', 'cuda', 'cuda:1', 'auto'): {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for, but CUDA is not available here; use device='cpu'")
     return dev
@@ -120,10 +126,28 @@ def _is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
+MAX_CHANNELS = 8  # a 2-D array with at most this many columns (and more rows) is (samples, channels)
+
+
+def _check_batch(item, what: str) -> None:
+    """A 2-D input is a batch (clips, samples): refuse empty ones and the (samples, channels) layout
+    that ``soundfile.read`` returns, saying how to downmix."""
+    n, c = item.shape
+    if n == 0:
+        raise ValueError(f"{what} is an empty batch (shape {tuple(item.shape)})")
+    if c <= MAX_CHANNELS and n > c:  # rows of <= 8 samples: too short for a clip in any case
+        raise ValueError(
+            f"{what} has shape {tuple(item.shape)}: that looks like (samples, channels), as soundfile.read returns, "
+            "but a 2-D input is a batch (clips, samples). Downmix to mono first: x.mean(axis=1) for numpy, "
+            "x.mean(dim=1) for torch (or pass the file path: files are downmixed for you)"
+        )
+
+
 def _flatten_inputs(audio, sample_rate) -> tuple[list[torch.Tensor], list[tuple[str, int]], bool]:
     """Inputs -> (1-D 16 kHz waveforms, one (kind, count) per input item, is_list).
 
-    kind is "one" (a file or a 1-D array) or "batch" (a 2-D array of ``count`` clips).
+    kind is "one" (a file or a 1-D array) or "batch" (a 2-D array of ``count`` clips). Float arrays
+    that peak far above full scale (int16-scaled floats) give one warning per call.
     """
     is_list = isinstance(audio, (list, tuple))
     items = list(audio) if is_list else [audio]
@@ -131,18 +155,23 @@ def _flatten_inputs(audio, sample_rate) -> tuple[list[torch.Tensor], list[tuple[
         raise ValueError("the input list is empty; pass at least one waveform or file path")
     wavs: list[torch.Tensor] = []
     layout: list[tuple[str, int]] = []
+    loud: list[tuple[str, float]] = []
     for k, item in enumerate(items):
         what = f"input {k}" if is_list else "audio"
         if _is_path(item):
             wavs.append(prepare_waveform(load_audio(item), frontend.SAMPLE_RATE, f"{what} ({item})"))
             layout.append(("one", 1))
         elif isinstance(item, (np.ndarray, torch.Tensor)):
+            if isinstance(item, torch.Tensor):
+                check_dense(item, what)
+            peak = loud_peak(item)
+            if peak is not None:
+                loud.append((what, peak))
             if item.ndim == 1:
                 wavs.append(prepare_waveform(item, sample_rate, what))
                 layout.append(("one", 1))
             elif item.ndim == 2:
-                if item.shape[0] == 0:
-                    raise ValueError(f"{what} is an empty batch (shape {tuple(item.shape)})")
+                _check_batch(item, what)
                 wavs.extend(prepare_waveform(row, sample_rate, f"{what}, row {r}") for r, row in enumerate(item))
                 layout.append(("batch", item.shape[0]))
             else:
@@ -156,6 +185,7 @@ def _flatten_inputs(audio, sample_rate) -> tuple[list[torch.Tensor], list[tuple[
                 f"{what} is a {type(item).__name__}; pass a file path, a numpy array or torch tensor of samples, "
                 "or a list of these"
             )
+    warn_loud(loud)
     return wavs, layout, is_list
 
 
@@ -178,6 +208,7 @@ class ATSTModel:
         source: where the weights were resolved to (the converted directory, file or Hub
             snapshot actually read), or ``None`` for a model built in memory.
         weights_sha256: sha256 of the weights file that was read, or ``None`` when unknown.
+        backend: what ``encode`` runs on: "torch" (the encoder), "onnx" or "onnx-int8" (``use_forward``).
         device, dtype: where and in what precision the encoder runs; the front end is float32.
     """
 
@@ -196,6 +227,7 @@ class ATSTModel:
         self.source = source
         self.weights_sha256 = weights_sha256
         self._forward = None  # the torch.compile'd encoder pass after compile(), else the eager one
+        self.backend = "torch"  # what encode() runs on: "torch", or an ONNX backend (use_forward)
 
     def compile(self, **kwargs) -> "ATSTModel":
         """Run the encoder through ``torch.compile(encoder.forward_intermediates, dynamic=True, **kwargs)``; returns self.
@@ -203,8 +235,17 @@ class ATSTModel:
         The first calls compile (tens of seconds; again for new batch shapes); results equal the
         eager encoder to float rounding. Worth it for long GPU jobs, not for a few clips.
         """
+        if self.backend != "torch":
+            raise ValueError(f"compile() compiles the torch encoder; this model runs on backend {self.backend!r}")
         kwargs.setdefault("dynamic", True)
         self._forward = torch.compile(self.encoder.forward_intermediates, **kwargs)
+        return self
+
+    def use_forward(self, forward, backend: str = "torch") -> "ATSTModel":
+        """Run every encoder pass through ``forward`` (a callable with ``forward_intermediates``'
+        signature and result; ``None``: the eager encoder), on backend ``backend``; returns self.
+        ``onnx_export.attach_backend`` installs ONNX Runtime's."""
+        self._forward, self.backend = forward, backend
         return self
 
     def encode(self, mel: torch.Tensor, n_tokens: Sequence[int], blocks: list[int]) -> Intermediates:
@@ -214,6 +255,8 @@ class ATSTModel:
         mask is only built when some chunk is shorter than T // patch_w); returns
         ``Intermediates`` (cls (B, L, D) or ``None``, tokens (B, L, P, D)).
         """
+        if self.backend != "torch" and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError(f"backend {self.backend!r} runs float32 on the CPU; this model was moved to {self.device}, {self.dtype}")
         return encode_chunks(self.encoder, mel, n_tokens, blocks, self._forward)
 
     @property

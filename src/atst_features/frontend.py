@@ -1,10 +1,15 @@
 """The ATST log-mel front end in pure torch.
 
-waveform (16 kHz, +-1) -> power STFT -> HTK mel filterbank -> dB -> 80 dB floor -> min-max scale.
+waveform (16 kHz, +-1) -> power STFT -> HTK mel filterbank -> dB -> 80 dB floor [-> dB clamp] -> min-max scale.
 
 It reproduces the official torchaudio pipeline (``MelSpectrogram`` + ``AmplitudeToDB(top_db=80)``
 + ``MinMax``) to float32 rounding without importing torchaudio. Every function is batched,
 follows the device of its input and computes in float32.
+
+The dB clamp is the one front-end parameter that differs between checkpoints: ATST-SED and
+PretrainedSED trained their encoders on dB values clamped to [-50, 80] after the floor
+(``ATSTConfig.db_clamp``); every other checkpoint has none. The callers pass the model's
+``cfg.db_clamp`` through ``db_clamp=``.
 
 Batches of different lengths are exact: each item is reflect-padded by itself before the
 frames are cut (what ``center=True`` does to a lone clip), and the 80 dB floor is taken over
@@ -131,9 +136,14 @@ def frame_segment(waveform: torch.Tensor, first_frame: int, n_frames: int) -> to
     return waveform[torch.from_numpy(idx).to(waveform.device)]
 
 
-def normalise(db: torch.Tensor, peak_db: torch.Tensor) -> torch.Tensor:
-    """Floor at each item's peak - TOP_DB, then the official min-max scaling: (B, N_MELS, T) dB, (B,) peaks."""
+def normalise(
+    db: torch.Tensor, peak_db: torch.Tensor, db_clamp: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """Floor at each item's peak - TOP_DB, clamp to ``db_clamp`` = (low, high) dB when given (after
+    the floor, as ATST-SED does), then the official min-max scaling: (B, N_MELS, T) dB, (B,) peaks."""
     db = torch.maximum(db, peak_db[:, None, None] - TOP_DB)
+    if db_clamp is not None:
+        db = db.clamp(min=db_clamp[0], max=db_clamp[1])
     return (db - DB_MIN) / (DB_MAX - DB_MIN) * 2.0 - 1.0
 
 
@@ -144,7 +154,10 @@ def peak_db_of(db: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
 
 
 def log_mel_segments(
-    segments: torch.Tensor, n_frames: torch.Tensor, peak_db: torch.Tensor | None = None
+    segments: torch.Tensor,
+    n_frames: torch.Tensor,
+    peak_db: torch.Tensor | None = None,
+    db_clamp: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Normalised log-mel of frame segments (``frame_segment`` / ``sample_range``), batched.
 
@@ -153,7 +166,9 @@ def log_mel_segments(
             on the right.
         n_frames: (B,) mel frames per item.
         peak_db: (B,) the loudest dB the 80 dB floor is taken from (a window of a longer file
-            uses the whole file's), NaN or ``None`` for an item's own frames.
+            uses the whole file's), NaN or ``None`` for an item's own frames. The peak is taken
+            before ``db_clamp``.
+        db_clamp: (low, high) dB after the floor (the model's ``cfg.db_clamp``), or ``None``.
 
     Returns:
         (B, N_MELS, T) float32; frames past an item's own count are zero.
@@ -165,15 +180,18 @@ def log_mel_segments(
         given = peak_db.to(device=db.device, dtype=peak.dtype)
         peak = torch.where(torch.isnan(given), peak, given)
     valid = torch.arange(db.shape[-1], device=db.device)[None, :] < n_frames[:, None]  # (B, T)
-    return normalise(db, peak).masked_fill(~valid[:, None, :], 0.0)
+    return normalise(db, peak, db_clamp).masked_fill(~valid[:, None, :], 0.0)
 
 
-def log_mel(waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def log_mel(
+    waveforms: torch.Tensor, lengths: torch.Tensor | None = None, db_clamp: tuple[float, float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised log-mel spectrograms of a batch of 16 kHz waveforms.
 
     Args:
         waveforms: (B, N) float waveforms at 16 kHz, full scale +-1, zero-padded on the right.
         lengths: (B,) valid samples per item (each >= ``MIN_SAMPLES``); ``None`` means all N.
+        db_clamp: (low, high) dB after the 80 dB floor (the model's ``cfg.db_clamp``), or ``None``.
 
     Returns:
         mel: (B, N_MELS, T) float32 with T = N // HOP_LENGTH + 1; frames past an item's own
@@ -199,4 +217,4 @@ def log_mel(waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tup
     else:
         segments = [frame_segment(waveforms[i, :n], 0, int(f)) for i, (n, f) in enumerate(zip(lengths_list, n_frames))]
         padded = torch.nn.utils.rnn.pad_sequence(segments, batch_first=True)
-    return log_mel_segments(padded, n_frames), n_frames
+    return log_mel_segments(padded, n_frames, db_clamp=db_clamp), n_frames

@@ -44,6 +44,12 @@ def bibtex(paper: Mapping[str, Any]) -> str:
     return f"@{kind}{{{first}{paper.get('year', '')}{word},\n{body}\n}}"
 
 
+def hub_licence_id(spdx: str | None) -> str:
+    """The Hub's ``license`` id of an SPDX identifier (``CC-BY-4.0`` -> ``cc-by-4.0``); ``other`` for
+    none or for an expression of several licences."""
+    return spdx.lower() if spdx and " " not in spdx else "other"
+
+
 def model_card(
     entry: ModelSpec | Mapping[str, Any] | None, config: Mapping[str, Any], files: Mapping[str, str]
 ) -> str:
@@ -60,7 +66,7 @@ def model_card(
     spec = entry if entry is None or isinstance(entry, ModelSpec) else ModelSpec.from_entry(entry)
     licence = (spec.licence if spec else None) or registry.Licence()
     data = ModelCardData(
-        license=licence.spdx.lower() if licence.spdx else "other",
+        license=hub_licence_id(licence.spdx),
         library_name=LIBRARY,
         tags=["audio", "feature-extraction", "self-supervised", "atst", f"atst-{config['family']}"],
         pipeline_tag="feature-extraction",
@@ -95,7 +101,9 @@ def model_card(
         lines.append("- Provenance not recorded.")
     lines += ["", "## Licence", ""]
     if licence.spdx:
-        lines.append(f'{licence.spdx} ({licence.url}). The authors state: "{licence.statement}".')
+        link = f"{licence.licence_url}; " if licence.licence_url else ""
+        as_of = f" (as of {licence.as_of})" if licence.as_of else ""
+        lines.append(f'{licence.spdx} ({link}statement: {licence.url}{as_of}). The authors state: "{licence.statement}".')
     else:
         lines.append(f"Not stated by the authors: {licence.statement or 'unknown'}.")
     if licence.attribution:

@@ -16,6 +16,7 @@ Parameter names follow the official ones, except ``patch_embed`` (a plain Linear
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, NamedTuple
 
@@ -29,6 +30,22 @@ MASK_BIAS = -10000.0  # added to the attention logits of padded keys (the offici
 Family = Literal["clip", "frame"]
 
 
+#: Bounds of ``ATSTConfig`` (the released models: 384 or 768 wide, 12 blocks, 6 or 12 heads,
+#: 250 tokens). Generous, but they keep a config file from asking for an absurd model.
+MAX_EMBED_DIM = 4096
+MAX_DEPTH = 64
+MAX_TOKENS = 4096  # patch tokens per forward pass (the positional table's rows - 1)
+MAX_MLP_RATIO = 16.0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 @dataclass(frozen=True)
 class ATSTConfig:
     """Architecture of an ATST encoder; saved as ``config.json`` beside the weights.
@@ -37,6 +54,10 @@ class ATSTConfig:
     encoder takes: ``spec_w // patch_w`` tokens (250 for 1001 frames = 10.01 s).
     ``clip_chunk_frames`` is the chunk length of the clip-level pooling: 1001 for ATST-Frame,
     601 (6 s crops) for ATST-Clip.
+    ``db_clamp`` is the front-end contract of checkpoints trained on clamped mels: ``(lo, hi)``
+    dB applied after the 80 dB floor (ATST-SED and PretrainedSED: (-50, 80)), ``None`` otherwise.
+
+    Every field is checked for its type and range when the config is made (``ValueError``).
     """
 
     family: Family
@@ -52,18 +73,46 @@ class ATSTConfig:
     spec_w: int = 1001
     clip_chunk_frames: int | None = None
     drop_path_rate: float = 0.0  # training only
+    db_clamp: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in ("clip", "frame"):
             raise ValueError(f"family must be 'clip' or 'frame', got {self.family!r}")
+        for name, top in (("embed_dim", MAX_EMBED_DIM), ("depth", MAX_DEPTH), ("num_heads", MAX_EMBED_DIM),
+                          ("n_mels", 1024), ("patch_h", 1024), ("patch_w", 1024), ("spec_w", 1 << 20)):
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= top:
+                raise ValueError(f"{name} must be an integer in 1..{top}, got {value!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if not _is_number(self.mlp_ratio) or not 0 < self.mlp_ratio <= MAX_MLP_RATIO or int(self.embed_dim * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio must be a number in (0, {MAX_MLP_RATIO:g}] giving a hidden width >= 1, got {self.mlp_ratio!r}")
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+        if not _is_number(self.layernorm_eps) or not 0 < self.layernorm_eps < 1:
+            raise ValueError(f"layernorm_eps must be a number in (0, 1), got {self.layernorm_eps!r}")
+        if not _is_number(self.drop_path_rate) or not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {self.drop_path_rate!r}")
         if self.n_mels != self.patch_h:
             raise ValueError(f"patches must span all mel bins (patch_h == n_mels), got {self.patch_h} and {self.n_mels}")
+        if not 1 <= self.spec_w // self.patch_w <= MAX_TOKENS:
+            raise ValueError(
+                f"spec_w {self.spec_w} and patch_w {self.patch_w} give {self.spec_w // self.patch_w} tokens per pass; "
+                f"accepted are 1..{MAX_TOKENS}"
+            )
         if self.clip_chunk_frames is None:
             object.__setattr__(self, "clip_chunk_frames", 601 if self.family == "clip" else self.spec_w)
-        if not 0 < self.clip_chunk_frames <= self.spec_w:
-            raise ValueError(f"clip_chunk_frames must be in 1..{self.spec_w}, got {self.clip_chunk_frames}")
+        if not _is_int(self.clip_chunk_frames) or not self.patch_w <= self.clip_chunk_frames <= self.spec_w:
+            raise ValueError(
+                f"clip_chunk_frames must be an integer in {self.patch_w}..{self.spec_w} (at least one token), "
+                f"got {self.clip_chunk_frames!r}"
+            )
+        if self.db_clamp is not None:
+            clamp = self.db_clamp
+            if not (isinstance(clamp, (tuple, list)) and len(clamp) == 2 and all(_is_number(x) for x in clamp)
+                    and clamp[0] < clamp[1]):
+                raise ValueError(f"db_clamp must be None or [low, high] dB with low < high, got {clamp!r}")
+            object.__setattr__(self, "db_clamp", (float(clamp[0]), float(clamp[1])))
 
     @property
     def max_tokens(self) -> int:
@@ -76,10 +125,15 @@ class ATSTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ATSTConfig":
+        """A config from its ``to_dict`` form (a JSON object); unknown or ill-typed fields are a ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object of fields, got a {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}; known: {sorted(known)}")
+        if "family" not in data:
+            raise ValueError("a config must name its family ('clip' or 'frame')")
         return cls(**data)
 
     @classmethod

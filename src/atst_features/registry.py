@@ -2,18 +2,24 @@
 
 One entry per checkpoint: its name, family and architecture (``config``, an ``ATSTConfig`` dict),
 the front-end contract, the embedding sizes, the classification head, where the official file
-is (URL, trusted and third-party hashes), its licence and papers, and the converted files on the
-Hugging Face Hub when they are published. Each entry becomes a frozen ``ModelSpec``; the entry
-as written stays available as ``ModelSpec.raw`` for fields the dataclasses do not name.
+is (``source``: URL, pinned size and sha256 and who recorded them) and its second sources
+(``mirrors``), its licence and papers, and the converted files on the Hugging Face Hub when they
+are published. Each entry becomes a frozen ``ModelSpec``; the entry as written stays available as
+``ModelSpec.raw`` for fields the dataclasses do not name.
+
+Entries are checked when parsed (``ManifestError``): names and file names are plain names
+(``NAME_RE``: they become paths in the cache), hashes are 64 hex digits, sizes positive, Hub
+revisions 40-hex commits.
 
 The packaged manifest is read once per process; a manifest given as a path or a dict is parsed
-when asked for. Pure data: this module imports nothing else of the package.
+when asked for. Pure data: this module imports nothing else of the package but its errors.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,7 +27,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .errors import ManifestError, UnknownModelError
+
 MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
+#: What a model name and a file name of the manifest must look like (they become paths in the cache).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_HUB_FILES = ("config.json", "model.safetensors", "head.safetensors", "labels.json")
 
 #: What a manifest argument may be: a manifest file, its content already loaded, or ``None``
 #: for the packaged manifest.
@@ -36,26 +49,20 @@ def _frozen(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
 
 
 @dataclass(frozen=True)
-class Reported:
-    """Values a third party reported for an official file: unverified, so a mismatch only warns."""
-
-    sha256: str | None = None
-    size: int | None = None  # bytes
-    verified: bool = False
-    by: str | None = None
-
-
-@dataclass(frozen=True)
 class SourceSpec:
-    """Where the official file is and what it must hash to.
+    """Where a file of the model is and what it must be.
 
     Attributes:
-        url: the download URL (Google Drive through gdown, or plain HTTP).
+        url: the download URL (Google Drive through gdown, or plain HTTP(S)).
         page: a page to download it from by hand, when that differs from ``url``.
-        filename: the file's name as published.
-        format: its layout (a name of ``convert.LAYOUTS``).
-        size, sha256: trusted values (bytes, 64 hex digits); a mismatch is an error. ``None``: unknown.
-        reported: third-party values (unverified), or ``None``.
+        filename: the file's name as published (a plain name; ``None``: ``NAME.ckpt``).
+        format: its layout (a name of ``convert.LAYOUTS``); ``None`` when not known in advance.
+        possible_formats: the layouts it may have when ``format`` is ``None``.
+        size, sha256: the pinned size (bytes) and sha256 (64 hex digits), enforced: a mismatch is
+            an error. ``None``: not known in advance; the first verified download pins it (trust on
+            first use, recorded in the cache).
+        pinned_by: who recorded the pinned values, and from what.
+        published_in: where the authors (or the host) publish the link.
     """
 
     url: str | None = None
@@ -63,15 +70,26 @@ class SourceSpec:
     drive_id: str | None = None
     filename: str | None = None
     format: str | None = None
+    possible_formats: tuple[str, ...] = ()
     size: int | None = None
     sha256: str | None = None
-    reported: Reported | None = None
+    pinned_by: str | None = None
     published_in: str | None = None
 
     @property
     def page_or_url(self) -> str | None:
         """Where a person downloads the file by hand."""
         return self.page or self.url
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the manifest pins this file (size and sha256)."""
+        return self.sha256 is not None and self.size is not None
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The layouts the file may have (empty: any)."""
+        return (self.format,) if self.format else self.possible_formats
 
 
 @dataclass(frozen=True)
@@ -99,13 +117,19 @@ class HeadSpec:
 
 @dataclass(frozen=True)
 class Licence:
-    """The licence the authors state (``spdx`` is ``None`` when they state none)."""
+    """The licence the authors state (``spdx`` is ``None`` when they state none).
+
+    ``url``: where the statement is; ``statement``: its words; ``as_of``: the revision of that
+    text; ``licence_url``: the licence itself; ``attribution``: the credit to give with copies.
+    """
 
     spdx: str | None = None
     holder: str | None = None
     url: str | None = None
     statement: str | None = None
     attribution: str | None = None
+    licence_url: str | None = None
+    as_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +145,8 @@ class ModelSpec:
         outputs: embedding sizes (``clip_dim`` / ``frame_dim`` per layer choice, ``token_s``, ...), read-only.
         head: the classification head, or ``None``.
         source: the official file, or ``None`` for an entry without one.
+        mirrors: second sources of the model (another host, maybe another layout), each pinned
+            on its own; tried in turn when a source cannot be reached.
         hub: the converted files on the Hub (``hub.published`` is False when there are none).
         raw: the entry as written in the manifest (read-only at the top level; do not change it).
     """
@@ -134,20 +160,35 @@ class ModelSpec:
     outputs: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     head: HeadSpec | None = None
     source: SourceSpec | None = None
+    mirrors: tuple[SourceSpec, ...] = ()
     licence: Licence | None = None
     papers: tuple[Mapping[str, Any], ...] = ()
     hub: HubSpec = HubSpec()
     notes: tuple[str, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
 
+    @property
+    def sources(self) -> tuple[SourceSpec, ...]:
+        """The files the model can be downloaded from, in the order they are tried: pinned ones
+        first (their bytes are known in advance), then the others, each group in manifest order."""
+        every = [s for s in (self.source, *self.mirrors) if s is not None and s.url]
+        return tuple(sorted(every, key=lambda s: not s.pinned))
+
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any]) -> ModelSpec:
-        """Parse one manifest entry (a dict with at least ``name``); absent fields become ``None`` / empty."""
+        """Parse one manifest entry (a dict with at least ``name``); absent fields become ``None`` / empty.
+
+        Raises:
+            ManifestError: a name, file name, hash, size or Hub revision that cannot be used.
+        """
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise ManifestError(f"a manifest entry must be an object with a 'name', got {entry!r:.80}")
+        name = _plain_name(entry["name"], "model name")
         source = entry.get("source")
         head = entry.get("head")
         licence = entry.get("licence")
         return cls(
-            name=entry["name"],
+            name=name,
             family=entry.get("family"),
             arch=entry.get("arch"),
             description=entry.get("description") or "",
@@ -155,34 +196,59 @@ class ModelSpec:
             frontend=_frozen(entry.get("frontend")),
             outputs=_frozen(entry.get("outputs")),
             head=_head(head) if head else None,
-            source=_source(source) if source else None,
+            source=_source(source, name) if source else None,
+            mirrors=tuple(_source(m, name) for m in entry.get("mirrors") or ()),
             licence=Licence(**{k: licence.get(k) for k in _LICENCE_FIELDS}) if licence else None,
             papers=tuple(_frozen(p) for p in entry.get("papers") or ()),
-            hub=_hub(entry.get("hub")),
+            hub=_hub(entry.get("hub"), name),
             notes=tuple(entry.get("notes") or ()),
             raw=MappingProxyType(dict(entry)),
         )
 
 
-_LICENCE_FIELDS = ("spdx", "holder", "url", "statement", "attribution")
-_SOURCE_FIELDS = ("url", "page", "drive_id", "filename", "format", "size", "sha256", "published_in")
+_LICENCE_FIELDS = ("spdx", "holder", "url", "statement", "attribution", "licence_url", "as_of")
+_SOURCE_FIELDS = ("url", "page", "drive_id", "filename", "format", "size", "sha256", "pinned_by", "published_in")
 
 
-def _source(source: Mapping[str, Any]) -> SourceSpec:
-    reported = source.get("reported")
-    return SourceSpec(
+def _plain_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise ManifestError(
+            f"the manifest's {what} {value!r} is not a plain name (letters, digits, '.', '_', '-', not starting with "
+            "'.' or '-'); it would be used as a path"
+        )
+    return value
+
+
+def _source(source: Mapping[str, Any], name: str) -> SourceSpec:
+    if not isinstance(source, Mapping):
+        raise ManifestError(f"{name}: a source must be an object, got {source!r:.80}")
+    spec = SourceSpec(
         **{k: source.get(k) for k in _SOURCE_FIELDS},
-        reported=(
-            Reported(reported.get("sha256"), reported.get("size"), bool(reported.get("verified")), reported.get("by"))
-            if reported
-            else None
-        ),
+        possible_formats=tuple(source.get("possible_formats") or ()),
     )
+    if spec.filename is not None:
+        _plain_name(spec.filename, f"file name of {name!r}")
+    if spec.sha256 is not None and not (isinstance(spec.sha256, str) and _SHA256.fullmatch(spec.sha256)):
+        raise ManifestError(f"{name}: sha256 must be 64 lowercase hex digits or null, got {spec.sha256!r}")
+    if spec.size is not None and (isinstance(spec.size, bool) or not isinstance(spec.size, int) or spec.size < 1):
+        raise ManifestError(f"{name}: size must be a positive number of bytes or null, got {spec.size!r}")
+    if (spec.sha256 is None) != (spec.size is None):
+        raise ManifestError(f"{name}: a source pins both its size and its sha256, or neither")
+    if spec.url is not None and not (isinstance(spec.url, str) and spec.url.startswith(("https://", "http://"))):
+        raise ManifestError(f"{name}: the source URL must be http(s), got {spec.url!r}")
+    return spec
 
 
-def _hub(hub: Mapping[str, Any] | None) -> HubSpec:
+def _hub(hub: Mapping[str, Any] | None, name: str) -> HubSpec:
     hub = hub or {}
-    return HubSpec(hub.get("repo_id"), hub.get("revision"), _frozen(hub.get("files")))
+    spec = HubSpec(hub.get("repo_id"), hub.get("revision"), _frozen(hub.get("files")))
+    if spec.repo_id is not None:
+        if not (isinstance(spec.revision, str) and _COMMIT.fullmatch(spec.revision)):
+            raise ManifestError(f"{name}: the Hub revision must be a 40-hex commit, got {spec.revision!r}")
+        for fname, sha in spec.files.items():
+            if fname not in _HUB_FILES or not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+                raise ManifestError(f"{name}: the Hub files must be {_HUB_FILES} with their sha256, got {fname!r}: {sha!r}")
+    return spec
 
 
 def _head(head: Mapping[str, Any]) -> HeadSpec:
@@ -194,12 +260,24 @@ def _head(head: Mapping[str, Any]) -> HeadSpec:
 
 
 def _parse(data: Mapping[str, Any]) -> dict[str, ModelSpec]:
-    return {entry["name"]: ModelSpec.from_entry(entry) for entry in data["models"]}
+    if not isinstance(data, Mapping) or not isinstance(data.get("models"), list):
+        raise ManifestError('a manifest must be {"models": [entry, ...]}')
+    specs: dict[str, ModelSpec] = {}
+    for entry in data["models"]:
+        spec = ModelSpec.from_entry(entry)
+        if spec.name in specs:
+            raise ManifestError(f"the manifest lists {spec.name!r} twice")
+        specs[spec.name] = spec
+    return specs
 
 
 def _read(path: str | os.PathLike) -> dict[str, ModelSpec]:
-    with open(path, encoding="utf-8") as f:
-        return _parse(json.load(f))
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{str(path)!r} is not a JSON manifest: {e}") from None
+    return _parse(data)
 
 
 @lru_cache(maxsize=1)
@@ -235,16 +313,16 @@ def get(name: str, manifest: ManifestSource = None) -> ModelSpec:
     """The entry called ``name``.
 
     Raises:
-        KeyError: for an unknown name, listing the known ones.
+        UnknownModelError: (a ``KeyError``) for an unknown name, listing the known ones.
     """
     specs = _specs(manifest)
     if name not in specs:
-        raise KeyError(f"{name!r} is not a known model; known names: {', '.join(sorted(specs))}")
+        raise UnknownModelError(f"{name!r} is not a known model; known names: {', '.join(sorted(specs))}")
     return specs[name]
 
 
 def hub_published(spec: ModelSpec | Mapping[str, Any]) -> bool:
     """Whether an entry (a ``ModelSpec`` or a raw manifest dict) lists converted files on the Hub
     (repository, pinned revision and files)."""
-    hub = spec.hub if isinstance(spec, ModelSpec) else _hub(spec.get("hub"))
+    hub = spec.hub if isinstance(spec, ModelSpec) else _hub(spec.get("hub"), str(spec.get("name")))
     return hub.published

@@ -1,30 +1,49 @@
 """Loading: a converted directory, an official checkpoint file, the Hub, or a name -> an ``ATSTModel``.
 
-Named models (``weights_manifest.json``, read by ``registry``) resolve to, in this order,
+``load(source)`` takes, in this order: an ``hf://org/repo@commit`` spec; a **name** of the manifest
+(``weights_manifest.json``, read by ``registry``), which wins over a same-named folder in the
+current directory (write ``./NAME`` for the folder); else an existing directory or file.
 
-- their converted copy in the cache (``cache_dir()/NAME``), when present;
-- the converted files on the Hugging Face Hub, at the pinned revision, when the manifest lists them;
-- otherwise the official file at its source URL (``fetch``: Google Drive through gdown, which
-  handles Drive's confirmation page), downloaded once with a progress bar, checked, converted
-  (``convert``) and cached as a converted directory (``artifacts``).
+Named models resolve to their converted copy in the cache (``cache_dir()/NAME``) when present,
+else the converted files on the Hugging Face Hub at the pinned revision when the manifest lists
+them, else a source file (the official one, or a second source on a stable host), downloaded
+once, checked, converted (``convert``) and cached as a converted directory (``artifacts``).
 
-Downloaded files are checked against the manifest's trusted sha256 (when it has one); converted
-files against the sha256 recorded when they were written, on every load. A mismatch is an error.
-Once cached, a model loads without the network (``HF_HUB_OFFLINE=1`` forbids downloads).
+Every source carries a pinned size and sha256, enforced: a mismatch is an error, the file is
+deleted and nothing is cached. A source without a pin in the manifest is pinned by its first
+verified download (trust on first use, recorded in ``cache_dir()/pins.json`` and never silently
+replaced). ``allow_other_file=True`` (or ``ATST_FEATURES_ALLOW_OTHER_FILE=1``) is the explicit
+opt-out for a user who knowingly uses another file. The converted file must also be of the
+family, layout and architecture the manifest describes. Converted files are checked against the
+sha256 recorded when they were written, on every load. Once cached, a model loads without the
+network (``HF_HUB_OFFLINE=1`` forbids downloads).
+
+Transfers have timeouts, retries and a stall limit (``fetch``); one process at a time downloads a
+name into a cache (a lock with a timeout that names its holder); a failed or refused transfer
+leaves no file that a rerun would reuse, except a partial download of a pinned file, which a
+rerun resumes (the pin catches a splice). Every path written or removed is checked to be inside
+the cache.
 
 Every model comes back built with its head and provenance (``ATSTModel.source``, the directory,
-file or Hub snapshot read; ``ATSTModel.weights_sha256``, the sha256 of the weights file read).
-The file names, the atomic writer, checksums and conversion helpers live in ``artifacts`` and
-are re-exported here.
+file or ``hf://repo@commit`` read; ``ATSTModel.weights_sha256``, the sha256 of the weights file
+read). Every error is a ``LoadError`` (``errors``); the file names, the atomic writer, checksums
+and conversion helpers live in ``artifacts`` and are re-exported here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +55,6 @@ from .artifacts import (  # re-exported: the names callers and tests know from t
     HEAD_NAME,
     LABELS_NAME,
     WEIGHTS_NAME,
-    IntegrityError,
     convert_checkpoint,
     read_checkpoint,
     save_converted,
@@ -47,10 +65,20 @@ from .artifacts import (  # re-exported: the names callers and tests know from t
 )
 from .dtypes import resolve_dtype
 from .embed import ATSTModel, resolve_device
-from .fetch import DownloadError, offline
+from .errors import (
+    CheckpointError,
+    DownloadError,
+    IntegrityError,
+    LoadArgumentError,
+    LoadError,
+    ManifestError,
+    ModelNotFoundError,
+    UnknownModelError,
+)
+from .fetch import offline
 from .heads import ClassificationHead
 from .model import ATSTConfig, ATSTEncoder
-from .registry import ManifestSource, ModelSpec, hub_published, list_models
+from .registry import ManifestSource, ModelSpec, SourceSpec, hub_published, list_models
 
 __all__ = [
     "CHECKSUMS_NAME",
@@ -58,8 +86,14 @@ __all__ = [
     "HEAD_NAME",
     "LABELS_NAME",
     "WEIGHTS_NAME",
+    "CheckpointError",
     "DownloadError",
     "IntegrityError",
+    "LoadArgumentError",
+    "LoadError",
+    "ManifestError",
+    "ModelNotFoundError",
+    "UnknownModelError",
     "build",
     "cache_dir",
     "convert_checkpoint",
@@ -71,6 +105,7 @@ __all__ = [
     "load_converted",
     "manifest",
     "offline",
+    "pin_status",
     "read_checkpoint",
     "save_converted",
     "sha256_file",
@@ -81,10 +116,16 @@ __all__ = [
 
 HF_SCHEME = "hf://"
 CACHE_ENV = "ATST_FEATURES_CACHE"
+OTHER_FILE_ENV = "ATST_FEATURES_ALLOW_OTHER_FILE"  # "1": accept files that differ from their pin (opt-out)
+PINS_NAME = "pins.json"  # first-use pins of the sources the manifest does not pin, in the cache
+DOWNLOADS = "downloads"
+LOCKS = ".locks"
+LOCK_TIMEOUT_S = 1800.0  # longest wait for another process's download of the same name
 # The config fields that define the architecture: a converted file must match its manifest entry on these.
 ARCH_FIELDS = ("family", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
 ARCH_FIELDS += ("n_mels", "patch_h", "patch_w", "spec_w")
 HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, HEAD_NAME, LABELS_NAME, CHECKSUMS_NAME]  # what an hf:// load fetches
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def manifest(path: ManifestSource = None) -> dict[str, dict]:
@@ -102,6 +143,30 @@ def manifest(path: ManifestSource = None) -> dict[str, dict]:
 # ---------------------------------------------------------------------------- building models
 
 
+def _encoder(cfg: ATSTConfig, state_dict: Mapping[str, torch.Tensor], owned: bool) -> ATSTEncoder:
+    """An encoder holding ``state_dict`` (strict): built on the meta device (no allocation, no
+    initialisation), then given the tensors, as they are when ``owned`` (read from a file for this
+    model) or as float32 copies."""
+    with torch.device("meta"):
+        encoder = ATSTEncoder(cfg)
+    tensors = {
+        k: v if owned and v.dtype == torch.float32 else v.detach().to(torch.float32, copy=True)
+        for k, v in state_dict.items()
+    }
+    encoder.load_state_dict(tensors, strict=True, assign=True)
+    return encoder
+
+
+def _check_head_width(cfg: ATSTConfig, head: ClassificationHead | None) -> None:
+    if head is not None:
+        expected = (2 * cfg.embed_dim) if (head.level == "clip" and cfg.has_cls) else cfg.embed_dim
+        if head.in_dim != expected:
+            raise CheckpointError(
+                f"the {head.level}-level head takes {head.in_dim} inputs, but the last block of this "
+                f"ATST-{cfg.family.capitalize()} encoder gives {expected}"
+            )
+
+
 def build(
     cfg: ATSTConfig,
     state_dict: dict[str, torch.Tensor],
@@ -111,24 +176,28 @@ def build(
     source: str | None = None,
     weights_sha256: str | None = None,
 ) -> ATSTModel:
-    """An ``ATSTModel`` from a config and our state dict (strict load), with an optional head.
+    """An ``ATSTModel`` from a config and our state dict (strict load, copied), with an optional head.
 
     Args:
-        cfg, state_dict: the encoder.
+        cfg, state_dict: the encoder (any depth: building in memory is not restricted).
         name: what the model is called (``ATSTModel.name``).
         head: a classification head; its input width must match the encoder's last block.
         source, weights_sha256: provenance (``ATSTModel.source`` / ``.weights_sha256``).
     """
-    if head is not None:
-        expected = (2 * cfg.embed_dim) if (head.level == "clip" and cfg.has_cls) else cfg.embed_dim
-        if head.in_dim != expected:
-            raise ValueError(
-                f"the {head.level}-level head takes {head.in_dim} inputs, but the last block of this "
-                f"ATST-{cfg.family.capitalize()} encoder gives {expected}"
-            )
-    encoder = ATSTEncoder(cfg)
-    encoder.load_state_dict(state_dict, strict=True)
+    _check_head_width(cfg, head)
+    encoder = _encoder(cfg, state_dict, owned=False)
     return ATSTModel(encoder, name=name, head=head, source=source, weights_sha256=weights_sha256)
+
+
+def _from_dir(d: artifacts.ModelDir, name: str, source: str | None = None) -> ATSTModel:
+    _check_head_width(d.config, d.head)
+    return ATSTModel(
+        _encoder(d.config, d.state_dict, owned=True),
+        name=name,
+        head=d.head,
+        source=str(d.directory.absolute()) if source is None else source,
+        weights_sha256=d.weights_sha256,
+    )
 
 
 def load_converted(
@@ -140,63 +209,67 @@ def load_converted(
 ) -> ATSTModel:
     """Load a converted model directory (``config.json`` + ``model.safetensors`` [+ head files]).
 
-    With ``verify`` the files listed in its ``checksums.json`` (when present) are checked first.
-    ``name`` (default: the directory) names the model; ``weights_sha256`` is the weights' sha256
-    when the caller has just checked it (see ``artifacts.read_model_dir``).
+    With ``verify`` every file loaded must be listed in its ``checksums.json`` and match it; a
+    directory without one loads with a warning that it is unverified. ``name`` (default: the
+    directory) names the model; ``weights_sha256`` is the weights' sha256 when the caller has just
+    checked it (see ``artifacts.read_model_dir``).
     """
     d = artifacts.read_model_dir(directory, verify, weights_sha256=weights_sha256)
-    return build(
-        d.config,
-        d.state_dict,
-        name=str(directory) if name is None else name,
-        head=d.head,
-        source=str(d.directory),
-        weights_sha256=d.weights_sha256,
-    )
+    return _from_dir(d, str(directory) if name is None else name)
 
 
-def _load_file(path: Path) -> ATSTModel:
+def _load_file(path: Path, depth: int | None) -> ATSTModel:
     """An official checkpoint file, converted in memory (nothing is written)."""
     if path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
         return load_converted(path.parent)
-    c = convert.convert(read_checkpoint(path))
+    c = convert.convert(read_checkpoint(path), depth=depth)
     head = (
         ClassificationHead.from_state_dict(c.head, c.head_level, c.labels, c.multilabel) if c.head is not None else None
     )
-    return build(c.config, c.state_dict, name=str(path), head=head, source=str(path), weights_sha256=sha256_file(path))
+    _check_head_width(c.config, head)
+    encoder = _encoder(c.config, c.state_dict, owned=True)
+    return ATSTModel(encoder, name=str(path), head=head, source=str(path.absolute()), weights_sha256=sha256_file(path))
+
+
+def _hub_error(what: str, e: BaseException) -> str:
+    hint = " (HF_HUB_OFFLINE is set and this revision is not in the cache)" if offline() else ""
+    return f"cannot get {what}{hint}: {type(e).__name__}: {fetch._first_line(e)}"
 
 
 def _load_hub(spec: str) -> ATSTModel:
     """``hf://org/repo[@revision]`` -> the converted model stored in that Hub repository."""
-    repo, _, revision = spec[len(HF_SCHEME) :].partition("@")
+    repo, revision = fetch.parse_hub_spec(spec, HF_SCHEME)
     try:
-        folder = fetch.hub_snapshot(repo, revision or None, HUB_FILES)
+        folder = fetch.hub_snapshot(repo, revision, HUB_FILES)
     except Exception as e:
-        hint = " (HF_HUB_OFFLINE is set and this revision is not in the cache)" if offline() else ""
-        raise DownloadError(f"cannot get {spec}{hint}: {e}") from e
-    fetch.check_lfs_blobs(folder)
-    return load_converted(folder, name=spec)
+        raise DownloadError(_hub_error(spec, e)) from None
+    if folder.parent.name != "snapshots" or not fetch._SHA1.fullmatch(folder.name):
+        raise IntegrityError(f"the Hub client answered {str(folder)!r} for {spec}, which is not a snapshot of its cache")
+    content_checked = fetch.check_blobs(folder, HUB_FILES)
+    d = artifacts.read_model_dir(folder, verify=not content_checked)
+    return _from_dir(d, spec, source=f"{HF_SCHEME}{repo}@{folder.name}")
 
 
-def _fetch_hub(spec: ModelSpec, target: Path, force: bool = False) -> Path:
-    """The pinned Hub files of a named model, each checked against the manifest's sha256.
+def _fetch_hub(spec: ModelSpec, target: Path, force: bool = False) -> tuple[Path, artifacts.ModelDir]:
+    """The pinned Hub files of a named model, read and checked against the manifest's sha256 and
+    architecture; files the manifest does not pin are not read.
 
     ``target`` is where a hand-converted copy would go (named in the error when offline).
     """
     hub, name = spec.hub, spec.name
     folder = None
-    for fname, expected in hub.files.items():
+    for fname in hub.files:
         try:
-            path = fetch.hub_file(hub.repo_id, fname, hub.revision, force)
+            folder = fetch.hub_file(hub.repo_id, fname, hub.revision, force).parent
         except Exception as e:
             raise DownloadError(
-                f"cannot get {fname} of {name!r} from the Hub ({hub.repo_id}@{hub.revision}): {e}\n"
-                + _by_hand(spec, target)
-            ) from e
-        artifacts.check_sha256(path, expected, f"Run `atst-features download {name} --force` to fetch it anew.")
-        folder = path.parent
+                _hub_error(f"{fname} of {name!r} from the Hub ({hub.repo_id}@{hub.revision})", e) + "\n" + _by_hand(spec, target)
+            ) from None
     assert folder is not None
-    return folder
+    way_out = f"Run `atst-features download {name} --force` to fetch it anew."
+    d = artifacts.read_model_dir(folder, pinned=dict(hub.files), way_out=way_out)
+    _check_config(spec, d.config)
+    return folder, d
 
 
 # ---------------------------------------------------------------------------- the cache and its checks
@@ -217,91 +290,250 @@ def _cache_root(override: str | os.PathLike | None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "atst-features"
 
 
+def _in_cache(root: Path, *parts: str) -> Path:
+    """``root/parts...``, checked to stay inside the cache (no ``..``, no link out) before it is written or removed."""
+    path = root.joinpath(*parts)
+    inside = path.resolve()
+    base = root.resolve()
+    if inside == base or not inside.is_relative_to(base):
+        raise ManifestError(f"{str(path)!r} is not inside the cache {str(root)!r}: refused to write or remove it")
+    return path
+
+
+def _remove(root: Path, *parts: str) -> None:
+    path = _in_cache(root, *parts)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _allow_other(value: bool | None) -> bool:
+    """The opt-out: the argument when given, else ``$ATST_FEATURES_ALLOW_OTHER_FILE``."""
+    if value is not None:
+        return bool(value)
+    return os.environ.get(OTHER_FILE_ENV, "").upper() in _TRUE
+
+
+_OPT_OUT = (
+    f"If you knowingly use another file, pass allow_other_file=True (`--allow-other-file`, or "
+    f"{OTHER_FILE_ENV}=1)."
+)
+
+
 def _by_hand(spec: ModelSpec, target: Path | None) -> str:
     """How to get a model without this library's download: fetch the file, then convert it."""
     out = str(target) if target is not None else f"<cache>/{spec.name}"
-    page = spec.source.page_or_url if spec.source is not None else None
+    pages = [s.page_or_url for s in spec.sources] or ["(no source listed)"]
     return (
-        f"To install {spec.name!r} by hand, download the official file from {page} and run\n"
+        f"To install {spec.name!r} by hand, download the file from {' or '.join(pages)} and run\n"
         f"    atst-features convert FILE {out}\n"
         f"(or, with network access, `atst-features download {spec.name}`)."
     )
 
 
-def _check_source(spec: ModelSpec, path: Path) -> None:
-    """The downloaded official file against the manifest: trusted sha256 / size (an error) and
-    third-party reported values (a warning, since they are unverified)."""
-    src, name = spec.source, spec.name
-    actual, size = sha256_file(path), path.stat().st_size
-    if src.sha256 and actual != src.sha256:
-        path.unlink()
-        raise IntegrityError(
-            f"the file downloaded for {name!r} from {src.url} has sha256 {actual}, but the manifest expects "
-            f"{src.sha256}; it was deleted. Try again; if this persists the file at the source has changed: "
-            f"check it by hand.\n" + _by_hand(spec, None)
-        )
-    if src.size and size != src.size:
-        path.unlink()
-        raise IntegrityError(f"the file downloaded for {name!r} has {size} bytes, the manifest expects {src.size}")
-    if src.reported is not None and src.reported.sha256 and actual != src.reported.sha256:
-        warnings.warn(
-            f"the file downloaded for {name!r} has sha256 {actual}; a third party reported {src.reported.sha256} "
-            "(unverified). It is used anyway.",
-            stacklevel=3,
-        )
+# ---- pins
 
 
-def _check_cache_entry(spec: ModelSpec, target: Path) -> str | None:
-    """A cached converted model: every file against its recorded sha256, the source against the
-    manifest, the config against the manifest's. Returns the weights' sha256."""
+@dataclass(frozen=True)
+class Pin:
+    """What a source file must be: its size and sha256, and who pinned them ("manifest" or "first use")."""
+
+    sha256: str
+    size: int | None
+    by: str
+
+
+def _read_pins(root: Path) -> dict:
+    """``pins.json``: name -> source URL -> {sha256, size, pinned_at, by}."""
+    path = root / PINS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        pins = json.loads(path.read_text(encoding="utf-8")).get("pins", {})
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise IntegrityError(f"{str(path)!r} is not a record of first-use pins ({e}); delete it to pin anew") from None
+    if not isinstance(pins, dict):
+        raise IntegrityError(f"{str(path)!r} is not a record of first-use pins; delete it to pin anew")
+    return pins
+
+
+def _pin_of(spec: ModelSpec, src: SourceSpec, root: Path) -> Pin | None:
+    """The pin of a source: the manifest's, else the first-use one recorded in this cache, else none yet."""
+    if src.pinned:
+        return Pin(src.sha256, src.size, "the manifest")
+    first = _read_pins(root).get(spec.name, {}).get(src.url)
+    if isinstance(first, dict) and isinstance(first.get("sha256"), str):
+        return Pin(first["sha256"], first.get("size"), f"its first use ({first.get('pinned_at', 'time unknown')}, {PINS_NAME})")
+    return None
+
+
+def _record_pin(root: Path, spec: ModelSpec, src: SourceSpec, sha256: str, size: int | None, how: str) -> None:
+    """Pin an unpinned source to the file first accepted for it (never replacing a pin)."""
+    from filelock import FileLock, Timeout
+
+    locks = _in_cache(root, LOCKS)
+    locks.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(locks / "pins.lock"), timeout=60):
+            _add_pin(root, spec, src, sha256, size, how)
+    except Timeout:
+        raise DownloadError(f"another process holds {str(locks / 'pins.lock')!r} for more than 60 s") from None
+
+
+def _add_pin(root: Path, spec: ModelSpec, src: SourceSpec, sha256: str, size: int | None, how: str) -> None:
+    """``_record_pin`` under its lock: read ``pins.json``, add the pin unless one is there, write it back."""
+    pins = _read_pins(root)
+    known = pins.setdefault(spec.name, {}).get(src.url)
+    if known is not None:
+        if known.get("sha256") != sha256:
+            raise IntegrityError(
+                f"{spec.name!r} from {src.url} is pinned (first use) to sha256 {known.get('sha256')}, not {sha256}"
+            )
+        return
+    pins[spec.name][src.url] = {"sha256": sha256, "size": size, "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "by": how}
+    write_text_atomic(_in_cache(root, PINS_NAME), json.dumps({"format_version": 1, "pins": pins}, indent=2) + "\n")
+
+
+def pin_status(name: str, *, cache_dir: str | os.PathLike | None = None, manifest: ManifestSource = None) -> str:
+    """How the files of a named model are pinned: "pinned" (by the manifest, or its Hub block),
+    "first-use: pinned here" (by the first verified download into this cache), "first-use" (not
+    yet), or a combination for models with several sources ("pinned + first-use")."""
+    spec = registry.get(name, manifest)
+    if spec.hub.published:
+        return "pinned (hub)"
+    root = _cache_root(cache_dir)
+    kinds = []
+    for src in spec.sources:
+        pin = _pin_of(spec, src, root)
+        kind = "pinned" if src.pinned else ("first-use: pinned here" if pin else "first-use")
+        if kind not in kinds:
+            kinds.append(kind)
+    return " + ".join(kinds) or "no source"
+
+
+def _check_source_record(spec: ModelSpec, root: Path, record: Mapping, target: Path, allow_other: bool) -> None:
+    """The file a cache entry was converted from must be the pinned file of one of the model's sources.
+
+    A source without a pin yet is pinned by it (first use: a copy converted by hand), unless the
+    copy was accepted with the opt-out (``"pinned": false`` in its record), which then needs the
+    opt-out on every load too.
+    """
+    sha, url, name = record.get("sha256"), record.get("url"), spec.name
+    sources = [s for s in spec.sources if s.url == url] or list(spec.sources)
+    pins = [(s, _pin_of(spec, s, root)) for s in sources]
+    if any(p is not None and p.sha256 == sha for _, p in pins):
+        return
+    unpinned = [s for s, p in pins if p is None]
+    accepted_other = record.get("pinned") is False
+    if unpinned and not accepted_other and not allow_other and isinstance(sha, str) and artifacts.SHA256_RE.fullmatch(sha):
+        size = record.get("size") if isinstance(record.get("size"), int) else None
+        try:
+            _record_pin(root, spec, unpinned[0], sha, size, "first load of a converted copy")
+        except OSError as e:  # a read-only (shared) cache: the copy is used, its pin not recorded
+            warnings.warn(f"could not record the first-use pin of {name!r} in {str(root)!r}: {e}", stacklevel=4)
+        return
+    expected = ", ".join(f"{p.sha256} (pinned by {p.by})" for _, p in pins if p is not None)
+    message = f"the cache entry {str(target)!r} was converted from a file with sha256 {sha}, " + (
+        f"but {name!r} is pinned to {expected}" if expected else f"accepted with the opt-out: it is not pinned for {name!r}"
+    )
+    if allow_other:
+        warnings.warn(message + "; used anyway, as other files are allowed", stacklevel=4)
+        return
+    raise IntegrityError(
+        f"{message}. Delete it and run `atst-features download {name}` to get the pinned file. " + _OPT_OUT
+    )
+
+
+def _check_cache_entry(spec: ModelSpec, root: Path, target: Path, allow_other: bool) -> str:
+    """A cached converted model: every file against its recorded sha256, the source it was converted
+    from against the pins, the config against the manifest's. Returns the weights' sha256."""
     name = spec.name
+    if not target.is_dir():
+        raise IntegrityError(f"the cache entry {str(target)!r} is not a directory; delete it and run `atst-features download {name}`")
     if not verify_directory(target, f"Run `atst-features download {name} --force` to fetch and convert it anew."):
         raise IntegrityError(
             f"the cache entry {str(target)!r} has no {CHECKSUMS_NAME}; delete it and run `atst-features download {name}`"
         )
     record = artifacts.read_checksums(target)
-    source = record.get("source") or {}
-    trusted = spec.source.sha256 if spec.source is not None else None
-    if trusted and source.get("sha256") != trusted:
-        raise IntegrityError(
-            f"the cache entry {str(target)!r} was converted from a file with sha256 {source.get('sha256')}, but the "
-            f"manifest names {trusted}; delete it and run `atst-features download {name}`"
+    source = record.get("source") if isinstance(record.get("source"), Mapping) else {}
+    _check_source_record(spec, root, source, target, allow_other)
+    _check_config(spec, artifacts.read_config(target / CONFIG_NAME))
+    formats = {f for s in spec.sources for f in s.formats}
+    if formats and source.get("layout") not in formats:
+        raise CheckpointError(
+            f"the cache entry {str(target)!r} was converted from a {source.get('layout')!r} file, but {name!r} is "
+            f"published as {sorted(formats)}; delete it and run `atst-features download {name}`"
         )
-    _check_config(spec, ATSTConfig.from_json(target / CONFIG_NAME))
-    return record["files"].get(WEIGHTS_NAME)
+    return record["files"][WEIGHTS_NAME]
 
 
 def _check_config(spec: ModelSpec, cfg: ATSTConfig) -> None:
-    """The architecture fields of ``cfg`` against the manifest entry's config (``ARCH_FIELDS``)."""
+    """The architecture fields of ``cfg`` (``ARCH_FIELDS``) against the manifest entry's config,
+    and its front-end contract (``db_clamp``) against the entry's ``frontend``."""
     want = spec.config
     diff = {
         k: (getattr(cfg, k), want[k]) for k in ARCH_FIELDS if want.get(k) is not None and getattr(cfg, k) != want[k]
     }
+    if "db_clamp" in spec.frontend:
+        clamp = spec.frontend["db_clamp"]
+        clamp = tuple(float(x) for x in clamp) if clamp is not None else None
+        if cfg.db_clamp != clamp:
+            diff["db_clamp"] = (cfg.db_clamp, clamp)
     if diff:
-        raise convert.CheckpointError(
+        raise CheckpointError(
             f"the file for {spec.name!r} holds a different model than the manifest describes: "
             + ", ".join(f"{k} {got!r} (manifest: {exp!r})" for k, (got, exp) in diff.items())
         )
 
 
-def _convert_into_cache(spec: ModelSpec, src: Path, root: Path, target: Path) -> None:
-    """Convert ``src`` into a temporary folder of the cache, then move it to ``target`` in one step."""
-    converted = convert.convert(
-        read_checkpoint(src),
-        family=spec.family,
-        num_heads=spec.config.get("num_heads"),
-        head_level=spec.head.level if spec.head is not None else None,
-    )
-    _check_config(spec, converted.config)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root))
+# ---- downloads
+
+
+@contextlib.contextmanager
+def _locked(root: Path, name: str, progress: bool) -> Iterator[None]:
+    """One download and conversion of ``name`` into this cache at a time: a file lock that waits at
+    most ``LOCK_TIMEOUT_S`` and says who holds it."""
+    from filelock import FileLock, Timeout
+
+    locks = _in_cache(root, LOCKS)
+    locks.mkdir(parents=True, exist_ok=True)
+    path, holder = locks / f"{name}.lock", _in_cache(root, LOCKS, f"{name}.holder")
+    lock = FileLock(str(path))
     try:
-        write_converted(converted, src, tmp, None, name=spec.name, url=spec.source.url)
-        os.replace(tmp, target)
+        lock.acquire(timeout=0)
+    except Timeout:
+        who = _holder(holder)
+        if progress:
+            print(f"waiting for {who}, which is downloading {name!r} into this cache (lock {path})", file=sys.stderr)
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
+        except Timeout:
+            raise DownloadError(
+                f"{who} holds the download lock of {name!r} ({path}); waited {LOCK_TIMEOUT_S:g} s. If that process is "
+                "gone or stuck, stop it (or delete the lock file) and run again."
+            ) from None
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_text_atomic(holder, json.dumps(info) + "\n")
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        holder.unlink(missing_ok=True)
+        lock.release()
 
 
-# ---------------------------------------------------------------------------- downloads
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return f"process {info['pid']} on {info['host']} (since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
 
 
 def download(
@@ -311,78 +543,198 @@ def download(
     manifest: ManifestSource = None,
     progress: bool = True,
     force: bool = False,
+    allow_other_file: bool | None = None,
 ) -> Path:
     """Make a named model available locally and return its verified converted directory.
 
     1. A converted copy in the cache (``cache_dir/name``) is used when present, every file checked
-       against its recorded sha256 (this is also where a hand-converted copy goes).
+       against its recorded sha256 and the file it came from against the pins (this is also where
+       a hand-converted copy goes).
     2. Else, models published on the Hub come from the Hugging Face cache or the Hub (pinned
-       revision, each file checked against the manifest's sha256).
-    3. Else the official file is downloaded (progress bar, resumable, never a half file under its
-       final name), checked, converted once into the cache, and deleted.
+       revision, each pinned file checked against the manifest's sha256, the others not read).
+    3. Else the model's sources are tried in turn (pinned ones first): the file is downloaded
+       (a line says what, how large and from where; progress bar; timeouts; resumable), checked
+       against its pin, converted once into the cache, and deleted.
 
     Args:
         name: a manifest name (``list_models()``).
         cache_dir: where converted models live (default ``cache_dir()``).
         manifest: a manifest file or dict instead of the packaged one.
-        progress: show download progress.
-        force: discard the cached copy and fetch it again.
+        progress: print what is downloaded and show its progress.
+        force: discard the cached copy (and any partial download) and fetch it again; the new
+            file must still match the pin.
+        allow_other_file: accept a file that differs from its pin (a warning, not an error); the
+            default is ``$ATST_FEATURES_ALLOW_OTHER_FILE``.
 
     Raises:
-        DownloadError: not cached and cannot be fetched (the message says how to get it by hand).
-        IntegrityError: a file's sha256 differs from its record.
+        LoadError: ``DownloadError`` (not cached and cannot be fetched; the message says how to get
+            it by hand), ``IntegrityError`` (a file differs from its pin or record),
+            ``CheckpointError`` (the file is not the model the manifest describes),
+            ``UnknownModelError``.
     """
-    return _download(registry.get(name, manifest), _cache_root(cache_dir), progress, force)[0]
+    spec = registry.get(name, manifest)
+    return _download(spec, _cache_root(cache_dir), progress, force, _allow_other(allow_other_file)).directory
 
 
-def _download(spec: ModelSpec, root: Path, progress: bool, force: bool) -> tuple[Path, str | None]:
-    """``download``: the verified directory and the sha256 of its weights (``None`` if not recorded)."""
-    target = root / spec.name
+@dataclass
+class _Found:
+    """Where ``_download`` found a named model: its directory and weights' sha256, and the model
+    directory already read when the checks read it (the Hub path)."""
+
+    directory: Path
+    weights_sha256: str
+    read: artifacts.ModelDir | None = None
+    source: str | None = None
+
+
+def _download(spec: ModelSpec, root: Path, progress: bool, force: bool, allow_other: bool) -> _Found:
+    """``download``: the verified directory of a named model."""
+    target = _in_cache(root, spec.name)
     if target.exists() and not force:
-        return target, _check_cache_entry(spec, target)
+        return _Found(target, _check_cache_entry(spec, root, target, allow_other))
     if spec.hub.published:
-        return _fetch_hub(spec, target, force), spec.hub.files.get(WEIGHTS_NAME)
-    from filelock import FileLock
+        folder, d = _fetch_hub(spec, target, force)
+        return _Found(folder, d.weights_sha256, d, f"{HF_SCHEME}{spec.hub.repo_id}@{spec.hub.revision}")
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root, spec.name, progress):
+        if force:
+            _remove(root, DOWNLOADS, spec.name)  # partial downloads too
+        elif target.exists():  # another process finished it while this one waited
+            return _Found(target, _check_cache_entry(spec, root, target, allow_other))
+        _download_and_convert(spec, root, target, progress, allow_other)
+    return _Found(target, artifacts.read_checksums(target)["files"][WEIGHTS_NAME])
 
-    (root / ".locks").mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".locks" / f"{spec.name}.lock")):  # one download and conversion at a time
-        if force and target.exists():
-            shutil.rmtree(target)
-        if target.exists():  # another process finished it while this one waited
-            return target, _check_cache_entry(spec, target)
-        _download_and_convert(spec, root, target, progress)
-    return target, artifacts.read_checksums(target)["files"][WEIGHTS_NAME]
 
-
-def _download_and_convert(spec: ModelSpec, root: Path, target: Path, progress: bool) -> None:
-    """Fetch the official file into ``root/downloads/NAME/``, check it, convert it to ``target``, delete it."""
-    name, src = spec.name, spec.source
+def _download_and_convert(spec: ModelSpec, root: Path, target: Path, progress: bool, allow_other: bool) -> None:
+    """Try the model's sources in turn until one is fetched, checked and converted into ``target``."""
+    name = spec.name
     if offline():
         raise DownloadError(
             f"model {name!r} is not in the cache ({target}) and downloads are off (HF_HUB_OFFLINE is set).\n"
             + _by_hand(spec, target)
         )
-    if src is None or not src.url:
+    if not spec.sources:
         raise DownloadError(f"the manifest lists no source to download {name!r} from")
-    dest = root / "downloads" / name / (src.filename or f"{name}.ckpt")
-    if not dest.is_file():
+    failures = []
+    for src in spec.sources:
         try:
-            fetch.download_url(src.url, dest, progress)
-        except Exception as e:
-            partial = [p for p in dest.parent.iterdir()] if dest.parent.is_dir() else []
-            if not partial:
-                shutil.rmtree(dest.parent, ignore_errors=True)
-            again = (
-                f"The partial file {str(partial[0])!r} is kept: run the same command again to resume.\n"
-                if partial
-                else "Check the network connection and run the same command again.\n"
+            path, sha256, pin = _fetch_source(spec, src, root, progress, allow_other)
+        except fetch.TransferError as e:
+            failures.append(f"from {fetch.host_of(src.url)}: {e}")
+            continue
+        try:
+            other = pin.sha256 != sha256 if pin is not None else allow_other  # not (to be) the pinned file
+            _convert_into_cache(spec, src, path, sha256, root, target, other=other)
+            if pin is None and not allow_other:
+                _record_pin(root, spec, src, sha256, path.stat().st_size, "first verified download")
+        finally:
+            _remove(root, DOWNLOADS, name)
+        return
+    kept = fetch.partial_files(_in_cache(root, DOWNLOADS, name))
+    again = (
+        f"The partial file {str(kept[0])!r} is kept: run the same command again to resume.\n"
+        if kept
+        else "Check the network connection and run the same command again.\n"
+    )
+    raise DownloadError(f"could not download {name!r}:\n  " + "\n  ".join(failures) + f"\n{again}" + _by_hand(spec, target))
+
+
+def _fetch_source(
+    spec: ModelSpec, src: SourceSpec, root: Path, progress: bool, allow_other: bool
+) -> tuple[Path, str, Pin | None]:
+    """Download one source into ``root/downloads/NAME/`` and check it against its pin.
+
+    Returns the file, its sha256 and its pin (``None``: not pinned yet). A partial file is kept
+    for a resume only when the source is pinned (a rerun's result is checked); anything else that
+    fails is removed, so a rerun fetches anew.
+
+    Raises:
+        fetch.TransferError: the transfer failed (the next source may be tried).
+        IntegrityError: the file is not the pinned one (deleted; nothing is cached).
+    """
+    name = spec.name
+    folder = _in_cache(root, DOWNLOADS, name)
+    dest = _in_cache(root, DOWNLOADS, name, src.filename or f"{name}.ckpt")
+    pin = _pin_of(spec, src, root)
+    own = [p for p in fetch.partial_files(folder) if p.name.startswith(dest.name)]
+    if folder.exists() and (pin is None or set(folder.iterdir()) - set(own)):
+        _remove(root, DOWNLOADS, name)  # a complete file, another source's or an unpinned partial: not reused
+        own = []
+    resume = pin is not None and bool(own)
+    while True:
+        if progress:
+            size = fetch.human_size(pin.size if pin else None)
+            print(f"downloading {name} ({size}) from {fetch.host_of(src.url)}" + (" (resuming)" if resume else ""), file=sys.stderr)
+        try:
+            sha256 = fetch.download_url(src.url, dest, progress, size=pin.size if pin else None, resume=resume)
+            break
+        except fetch.TransferError as e:
+            if not (e.resumable and pin is not None and any(p.stat().st_size for p in fetch.partial_files(folder))):
+                _remove(root, DOWNLOADS, name)  # nothing worth resuming
+            if not (e.restart and resume):
+                raise
+            resume = False  # the server will not resume: start over, once
+    size = dest.stat().st_size
+    if pin is not None and (sha256 != pin.sha256 or (pin.size is not None and size != pin.size)):
+        message = (
+            f"the file downloaded for {name!r} from {src.url} has {size} bytes and sha256 {sha256}, but {pin.by} pins "
+            f"{pin.size} bytes and sha256 {pin.sha256}"
+        )
+        if not allow_other:
+            _remove(root, DOWNLOADS, name)
+            raise IntegrityError(
+                f"{message}. It was deleted and nothing was cached. Try again; if this persists the file at the source "
+                f"has changed: check it by hand. {_OPT_OUT}\n" + _by_hand(spec, None)
             )
-            raise DownloadError(
-                f"could not download {name!r} from {src.url}: {e}\n{again}" + _by_hand(spec, target)
-            ) from e
-    _check_source(spec, dest)
-    _convert_into_cache(spec, dest, root, target)
-    shutil.rmtree(dest.parent, ignore_errors=True)
+        warnings.warn(f"{message}; it is used anyway, as other files are allowed", stacklevel=5)
+    return dest, sha256, pin
+
+
+def _convert_into_cache(
+    spec: ModelSpec, src: SourceSpec, path: Path, sha256: str, root: Path, target: Path, other: bool
+) -> None:
+    """Convert ``path`` (the checks: the manifest's depth, heads, family, layout, architecture and
+    front end) into a temporary folder of the cache, then move it to ``target``.
+
+    ``other``: the file is not the pinned one (accepted with the opt-out), which ``checksums.json``
+    records as ``"pinned": false``.
+    """
+    converted = convert.convert(
+        read_checkpoint(path),
+        num_heads=spec.config.get("num_heads"),
+        head_level=spec.head.level if spec.head is not None else None,
+        depth=spec.config.get("depth"),
+    )
+    if src.formats and converted.layout not in src.formats:
+        raise CheckpointError(
+            f"the file downloaded for {spec.name!r} from {fetch.host_of(src.url)} is a {converted.layout!r} file, but the "
+            f"manifest publishes it as {list(src.formats)}: it is another model; nothing was cached"
+        )
+    if converted.config.family != spec.family and spec.family is not None:
+        raise CheckpointError(
+            f"the file downloaded for {spec.name!r} holds an ATST-{converted.config.family.capitalize()} encoder, but "
+            f"{spec.name!r} is ATST-{spec.family.capitalize()}: it is another model; nothing was cached"
+        )
+    _check_config(spec, converted.config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; a cache may be shared
+    try:
+        provenance = {"name": spec.name, "url": src.url, "pinned": not other}
+        write_converted(converted, path, tmp, None, src_sha256=sha256, **provenance)
+        _replace_dir(root, tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(root: Path, new: Path, target: Path) -> None:
+    """Put directory ``new`` at ``target`` (replacing a previous one: renamed aside, then removed)."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = _in_cache(root, f".{target.name}-old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        _remove(root, old.name)
 
 
 def is_cached(
@@ -409,37 +761,73 @@ def load(
     cache_dir: str | os.PathLike | None = None,
     manifest: ManifestSource = None,
     progress: bool = True,
+    allow_other_file: bool | None = None,
+    depth: int | None = None,
 ) -> ATSTModel:
     """Load an ATST encoder for embedding (and its classifier, if it has one), in ``eval()`` mode.
 
     Args:
-        source: a name from the manifest (``atst_features.list_models()``), a converted directory,
-            an official checkpoint file (converted in memory), or ``"hf://org/repo[@revision]"``.
+        source: a name from the manifest (``atst_features.list_models()``; a name wins over a
+            folder of that name in the current directory: write ``./NAME`` for the folder), a
+            converted directory, an official checkpoint file (converted in memory), or
+            ``"hf://org/repo@commit"`` (a branch name works, with a warning that it can move).
         device: where the encoder runs (never chosen for you).
         dtype: encoder precision (float32, or bfloat16 / float16 for speed); the front end and
             LayerNorm statistics stay float32.
         cache_dir: where named models are cached (default ``$ATST_FEATURES_CACHE`` or
             ``~/.cache/atst-features``).
         manifest: a manifest file or dict to resolve names with, instead of the packaged one.
-        progress: show download progress for named models.
+        progress: print what is downloaded and show its progress, for named models.
+        allow_other_file: accept a downloaded or cached file that differs from its pin (a warning,
+            not an error); default ``$ATST_FEATURES_ALLOW_OTHER_FILE``.
+        depth: the blocks an official checkpoint file must have (default the official 12); a
+            converted directory's ``config.json`` records its own.
 
     Returns:
         an ``ATSTModel`` whose ``name`` is ``source`` as given (a directory or file as a string),
         with ``source`` (what was read) and ``weights_sha256`` set.
+
+    Raises:
+        LoadError: every problem of the source (see ``errors``); ``OSError`` for the file system.
     """
-    device, dtype = resolve_device(device), resolve_dtype(dtype)  # bad values fail before any download
+    try:  # bad values fail before any download
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+    except (TypeError, ValueError) as e:
+        raise LoadArgumentError(str(e)) from None
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise LoadArgumentError(f"depth must be a positive integer or None, got {depth!r}")
     if isinstance(source, str) and source.startswith(HF_SCHEME):
         model = _load_hub(source)
-    elif Path(source).is_dir():
-        model = load_converted(source)
-    elif Path(source).is_file():
-        model = _load_file(Path(source))
     else:
         specs = registry.manifest(manifest)
-        if not (isinstance(source, str) and source in specs):
-            names = ", ".join(sorted(specs))
-            raise FileNotFoundError(f"{str(source)!r} is not a model name, a directory or a file; known names: {names}")
-        directory, sha = _download(specs[source], _cache_root(cache_dir), progress, force=False)
-        # _download has just verified every file: no second pass over them
-        model = load_converted(directory, verify=False, name=source, weights_sha256=sha)
+        if isinstance(source, str) and source in specs:
+            model = _load_named(specs[source], _cache_root(cache_dir), progress, _allow_other(allow_other_file))
+        else:
+            model = _load_path(source, specs, depth)
     return model.to(device=device, dtype=dtype)
+
+
+def _load_named(spec: ModelSpec, root: Path, progress: bool, allow_other: bool) -> ATSTModel:
+    try:
+        found = _download(spec, root, progress, force=False, allow_other=allow_other)
+    except LoadError as e:
+        if Path(spec.name).exists():  # the folder this name used to shadow
+            e.args = (f"{e.args[0]}\n(A folder {spec.name!r} exists here; names win over folders: pass "
+                      f"'./{spec.name}' to load the folder.)",)
+        raise
+    # _download has just verified every file: no second pass over them
+    d = found.read or artifacts.read_model_dir(found.directory, verify=False, weights_sha256=found.weights_sha256)
+    return _from_dir(d, spec.name, source=found.source)
+
+
+def _load_path(source: str | os.PathLike, specs: Mapping[str, ModelSpec], depth: int | None) -> ATSTModel:
+    path = Path(source)
+    if path.is_dir():
+        model = load_converted(path, name=str(source))
+        if depth is not None and model.config.depth != depth:
+            raise CheckpointError(f"{str(path)!r} holds a {model.config.depth}-block encoder, but depth={depth} was asked for")
+        return model
+    if path.is_file():
+        return _load_file(path, depth)
+    names = ", ".join(sorted(specs))
+    raise ModelNotFoundError(f"{str(source)!r} is not a model name, a directory or a file; known names: {names}")

@@ -2,21 +2,26 @@
 ``BatchSummary`` it returns.
 
 A rerun skips an input whose latest index row is ``ok`` / ``skipped`` with the same size, mtime
-and settings key, and whose output exists (``up_to_date``).
+and settings key, and whose output is the file the row describes (``up_to_date``): a regular
+file, not a link, of the recorded size and digest (``output_digest``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
-from .. import __version__
+from ..version import __version__
+from ..atomic import open_no_follow, read_at
 from ..audio import PathLike
 from ..embed import ATSTModel
 from ..pieces import SourceInfo
@@ -26,6 +31,7 @@ INDEX_NAME = "index.jsonl"
 METADATA_NAME = "metadata.json"
 FORMAT_VERSION = 1  # bump when the content of the .npz files changes
 STATUS_OK, STATUS_SKIPPED, STATUS_FAILED = "ok", "skipped", "failed"
+DIGEST_SPAN = 1 << 16  # bytes hashed at each end of an output (64 kB)
 
 
 @dataclass(frozen=True)
@@ -101,9 +107,27 @@ def index_name(shard: tuple[int, int] | None) -> str:
     return INDEX_NAME if shard is None else f"index.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
+def open_no_follow_text(path: Path) -> TextIO | None:
+    """A regular file opened for reading UTF-8 text, or None when it is missing or is a link (never followed)."""
+    try:
+        fd = open_no_follow(path, os.O_RDONLY)
+    except OSError:  # missing, a link (ELOOP), unreadable
+        if os.path.lexists(path) and not os.path.islink(path):
+            raise
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, encoding="utf-8", errors="replace")
+
+
 def _rows(path: Path) -> Iterator[dict]:
-    """The rows of one index file that are JSON objects with a ``path``; others (a truncated last line) are skipped."""
-    with open(path, encoding="utf-8") as f:
+    """The rows of one index file that are JSON objects with a ``path``; others (a truncated last line)
+    are skipped, and so is an index that is a link."""
+    f = open_no_follow_text(path)
+    if f is None:
+        return
+    with f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -129,24 +153,66 @@ def read_index(out: PathLike) -> dict[str, dict]:
 
 def index_paths(path: Path) -> set[str]:
     """The input paths an index file has rows for (none when it does not exist)."""
-    return {row["path"] for row in _rows(path)} if path.is_file() else set()
+    return {row["path"] for row in _rows(path)}
+
+
+def output_digest(fd: int) -> tuple[int, str]:
+    """(size in bytes, sha256 hex of the size and the first and last 64 kB) of an open file.
+
+    Cheap (at most 128 kB read) and enough for an ``.npz``: its end holds the zip's central
+    directory, with the CRC-32 of every array, so rewritten content changes the digest.
+    """
+    size = os.fstat(fd).st_size
+    h = hashlib.sha256(str(size).encode())
+    h.update(read_at(fd, DIGEST_SPAN, 0))
+    h.update(read_at(fd, DIGEST_SPAN, max(0, size - DIGEST_SPAN)))
+    return size, h.hexdigest()
+
+
+def output_matches(out: Path, row: dict) -> bool:
+    """Whether the output an ``ok`` / ``skipped`` row names is in ``out`` as the row recorded it:
+    a regular file (not a link) with the row's ``output_size`` and ``output_digest``."""
+    output, size, digest = row.get("output"), row.get("output_size"), row.get("output_digest")
+    if not isinstance(output, str) or size is None or digest is None:
+        return False
+    try:
+        fd = open_no_follow(out / output, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and output_digest(fd) == (size, digest)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def up_to_date(row: dict | None, f: InputFile, key: str, out: Path) -> bool:
-    """Whether ``f``'s output in ``out`` is current: same size, mtime and settings ``key`` as its row."""
+    """Whether ``f``'s output in ``out`` is current: same size, mtime and settings ``key`` as its
+    row, and the output the row describes (``output_matches``)."""
     return (
         row is not None
         and row.get("status") in (STATUS_OK, STATUS_SKIPPED)
         and row.get("size") == f.size
         and row.get("mtime_ns") == f.mtime_ns
         and row.get("settings") == key
-        and (out / f.output).is_file()
+        and row.get("output") == f.output
+        and output_matches(out, row)
     )
 
 
-def index_row(f: InputFile, key: str, info: SourceInfo | None, n_frames: int | None, error: str | None) -> dict:
-    """The index row of an input just embedded (``error`` None) or failed."""
+def index_row(
+    f: InputFile,
+    key: str,
+    info: SourceInfo | None,
+    n_frames: int | None,
+    error: str | None,
+    digest: tuple[int, str] | None = None,
+) -> dict:
+    """The index row of an input just embedded (``error`` None; ``digest`` = ``output_digest`` of
+    its output) or failed."""
     status = STATUS_FAILED if error else STATUS_OK
+    size, digest = digest if status == STATUS_OK and digest is not None else (None, None)
     return {
         "path": f.rel,
         "status": status,
@@ -155,6 +221,8 @@ def index_row(f: InputFile, key: str, info: SourceInfo | None, n_frames: int | N
         "channels": info.channels if info else None,
         "n_frames": n_frames,
         "output": f.output if status == STATUS_OK else None,
+        "output_size": size,
+        "output_digest": digest,
         "error": error,
         "size": f.size,
         "mtime_ns": f.mtime_ns,
@@ -164,6 +232,12 @@ def index_row(f: InputFile, key: str, info: SourceInfo | None, n_frames: int | N
 
 
 # ============================================================================ the summary
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters, undecodable bytes (surrogates) and other
+    non-printable characters escaped as ``repr`` does (``\\x1b``, ``\\udcff``); the rest unchanged."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 @dataclass

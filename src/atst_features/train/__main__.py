@@ -13,7 +13,7 @@ import sys
 import torch
 
 from . import checkpoint
-from .config import ARCHS, TrainConfig, merge_for_resume, resolve
+from .config import ARCHS, DATA_RECIPES, LOSSES, TrainConfig, check, merge_for_resume, resolve
 
 HELP = {
     "frame": "ATST-Frame pretraining (masked frame-level BYOL)",
@@ -40,6 +40,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=S, help="CSV row every N steps (default 10)")
     g.add_argument("--tensorboard", action="store_true", default=S, help="also write TensorBoard events")
     g.add_argument("--gradient-checkpointing", action="store_true", default=S, help="recompute block activations in backward")
+    g.add_argument(
+        "--strict-data",
+        action="store_true",
+        default=S,
+        help="stop when the data scan finds unreadable, empty or too-short files (default: skip them, listed in OUT/data_report.csv)",
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="log lines instead of a progress bar")
     a = p.add_argument_group("architecture")
     a.add_argument("--arch", choices=sorted(ARCHS), default=S, help="small (384/6/12) or base (768/12/12, default)")
     a.add_argument("--embed-dim", type=int, default=S)
@@ -50,14 +57,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=S, help="peak lr per 256 samples (scaled by global batch / 256)")
     o.add_argument("--min-lr", type=float, default=S, help="final lr of the cosine (default 1e-6)")
-    o.add_argument("--warmup-steps", type=int, default=S)
+    o.add_argument("--warmup-steps", type=int, default=S, help="linear warm-up steps (default: the recipe's)")
     o.add_argument("--weight-decay", type=float, default=S)
     o.add_argument(
         "--clip-grad", type=float, default=S, help="gradient norm clipping (default: off for pretraining, 3.0 otherwise)"
     )
     d = p.add_argument_group("data and augmentation")
     d.add_argument(
-        "--crop-seconds", type=float, default=S, help="random crop length (10 s frame / fine-tune; clip anchor 6 or 9 s)"
+        "--crop-seconds",
+        type=float,
+        default=S,
+        help="random crop length (the recipe's: frame 10 s, clip anchor 6 or 9 s, finetune 12 s, c2f 10 or 12 s)",
     )
     d.add_argument("--no-rrc", dest="rrc", action="store_false", default=S, help="no random-resize-crop")
 
@@ -78,9 +88,23 @@ def _add_pretraining(p: argparse.ArgumentParser) -> None:
 def _add_supervised(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
     g = p.add_argument_group("classification")
+    g.add_argument(
+        "--recipe",
+        choices=DATA_RECIPES,
+        default=S,
+        help="official recipe the defaults come from: audioset (AS-2M, default) or as20k (the 20k balanced set; small data)",
+    )
+    g.add_argument("--epochs", type=float, default=S, help="passes over the data (default: the recipe's; or give --max-steps)")
+    g.add_argument("--warmup-epochs", type=float, default=S, help="linear warm-up, in epochs (default: the recipe's)")
     g.add_argument("--layer-decay", type=float, default=S, help="layer-wise lr decay (default 0.75)")
-    g.add_argument("--mixup-prob", type=float, default=S, help="probability of batch mixup (default 0.5)")
-    g.add_argument("--mixup-alpha", type=float, default=S, help="mixup lambda ~ Beta(alpha, alpha) (default 10)")
+    g.add_argument("--mixup-prob", type=float, default=S, help="probability that a clip is mixed (default: the recipe's)")
+    g.add_argument("--mixup-alpha", type=float, default=S, help="mixup lambda ~ Beta(alpha, alpha) (default: the recipe's)")
+    g.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=S,
+        help="bce (default for multi-label data or with mixup, as the reference) or ce (single-label only)",
+    )
     g.add_argument("--label-sep", default=S, help="separator of the labels column (default ';')")
 
 
@@ -118,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "--teacher", default=argparse.SUPPRESS, help="fine-tuned teacher: a `finetune` checkpoint or its export/"
             )
             p.add_argument(
-                "--distill-weight", type=float, default=argparse.SUPPRESS, help="lambda of the distillation term (default 0.5)"
+                "--distill-weight",
+                type=float,
+                default=argparse.SUPPRESS,
+                help="lambda of the distillation term (default: the recipe's, 1.0 audioset, 0.5 as20k)",
             )
     return parser
 
@@ -140,7 +167,10 @@ def config_from_args(argv: list[str]) -> tuple[TrainConfig, dict | None]:
         saved = checkpoint.read(path)
         if saved["command"] != command:
             parser.error(f"{path} is a `{saved['command']}` checkpoint, not `{command}`")
-        return merge_for_resume(TrainConfig.from_dict(saved["config"]), given), saved
+        saved["path"] = str(path)
+        cfg = merge_for_resume(TrainConfig.from_dict(saved["config"]), given)
+        check(cfg)
+        return cfg, saved
     arch_flags = sorted(f"--{k.replace('_', '-')}" for k in ("arch", "embed_dim", "depth", "num_heads", "family") if k in given)
     if "init" in given and arch_flags:
         parser.error(f"--init sets the architecture; drop {', '.join(arch_flags)}")
@@ -150,24 +180,31 @@ def config_from_args(argv: list[str]) -> tuple[TrainConfig, dict | None]:
     return resolve(TrainConfig(command=command, **given), torch.cuda.is_available()), None
 
 
+def _error(message: object, status: int) -> int:
+    print(f"atst-features train: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one training command; returns the exit status (2 for a bad configuration)."""
+    """Run one training command; returns the exit status (2 for bad settings or data, 1 for a run
+    that failed while training)."""
+    from .data import DataUnavailable
     from .trainer import Trainer
 
     try:
         cfg, saved = config_from_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
         return int(e.code or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"atst-features train: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, permissions, ...
+        return _error(e, 2)
     try:
         trainer = Trainer(cfg, saved)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"atst-features train: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, ImportError) as e:
+        return _error(e, 2)
     try:
         trainer.fit()
+    except (FloatingPointError, DataUnavailable) as e:
+        return _error(e, 1)
     finally:
         trainer.close()
     return 0

@@ -6,7 +6,8 @@ process, saved in checkpoints), so a resumed run draws the same numbers. Tensors
 zero and stay zero.
 
 - ``block_mask``: spans of 5 patches, as fairseq's static ``compute_mask_indices`` draws them.
-- ``MixupMemory``: log-mixup-exp with a memory of earlier examples (BYOL-A style, ratio 0.4).
+- ``MixupMemory``: log-mixup-exp with a memory of earlier examples (BYOL-A style, ratio 0.4),
+  rebuilt from the data stream on resume.
 - ``random_resize_crop``: crop a random region of a (virtually enlarged) mel, resize it back (bicubic).
 - ``mix_batch``: label mixup for fine-tuning (lambda ~ Beta(10, 10)).
 """
@@ -79,8 +80,13 @@ class MixupMemory:
 
     Each item x is mixed with an example z drawn from the memory (examples of earlier batches of
     this process): ``log((1 - lam) * exp(x) + lam * exp(z))`` with lam ~ U[0, ratio). Only the
-    frames both have are mixed. The clean batch then enters the memory, which keeps the latest
-    ``size`` examples. An empty memory leaves the batch unchanged.
+    frames both have are mixed. The clean batch then enters the memory, a ring of the latest
+    ``size`` examples (write number w goes to row w mod size). An empty memory leaves the batch
+    unchanged.
+
+    The memory is a function of the data stream, so checkpoints do not store it: ``state_dict``
+    is three integers, and a resumed run rebuilds the rows by ``rewind`` + ``remember`` on the
+    batches that filled them (``rows_needed`` says how many writes that is).
     """
 
     def __init__(self, size: int, ratio: float):
@@ -90,8 +96,13 @@ class MixupMemory:
         self.ratio = ratio
         self.bank: torch.Tensor | None = None  # (size, n_mels, width)
         self.lengths: torch.Tensor | None = None  # (size,) valid frames
-        self.count = 0  # filled entries
-        self.next = 0  # ring position of the next write
+        self.writes = 0  # examples remembered so far (ring position = writes % size)
+        self.width = 0  # frames per row (the widest batch so far)
+
+    @property
+    def count(self) -> int:
+        """Filled rows."""
+        return min(self.writes, self.size)
 
     def __call__(self, mel: torch.Tensor, n_frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Mix ``mel`` (B, n_mels, T) with remembered examples, then remember the clean ``mel``."""
@@ -109,43 +120,47 @@ class MixupMemory:
         return out
 
     def remember(self, mel: torch.Tensor, n_frames: torch.Tensor) -> None:
+        """Write the clean batch ``mel`` (B, n_mels, T) into the ring (its last ``size`` items if B > size)."""
         if self.size == 0:
             return
         b, n_mels, t = mel.shape
         if self.bank is None:
-            self.bank = mel.new_zeros(self.size, n_mels, t)
+            self.bank = mel.new_zeros(self.size, n_mels, max(t, self.width))
             self.lengths = torch.zeros(self.size, dtype=torch.long, device=mel.device)
         elif self.bank.shape[-1] < t:  # a wider batch than any before: widen the memory, keep its content
             self.bank = F.pad(self.bank, (0, t - self.bank.shape[-1]))
-        rows = (self.next + torch.arange(min(b, self.size))) % self.size
-        src = mel[-len(rows) :].detach()
-        self.bank[rows.to(mel.device)] = F.pad(src, (0, self.bank.shape[-1] - t))
-        self.lengths[rows.to(mel.device)] = n_frames[-len(rows) :].to(mel.device)
-        self.next = int((self.next + len(rows)) % self.size)
-        self.count = min(self.count + len(rows), self.size)
+        self.width = self.bank.shape[-1]
+        n = min(b, self.size)
+        rows = ((self.writes + torch.arange(n)) % self.size).to(mel.device)
+        self.bank[rows] = F.pad(mel[-n:].detach(), (0, self.width - t))
+        self.lengths[rows] = n_frames[-n:].to(mel.device)
+        self.writes += n
+
+    def rows_needed(self, writes_per_call: int) -> int:
+        """Writes to replay to rebuild every filled row, for calls of ``writes_per_call`` each."""
+        per_call = min(writes_per_call, self.size)
+        if per_call == 0:
+            return 0
+        return min(self.writes, -(-self.size // per_call) * per_call)
 
     def state_dict(self) -> dict:
-        """The filled part of the memory, on CPU."""
-        if self.bank is None:
-            return {"count": 0, "next": 0}
-        return {
-            "count": self.count,
-            "next": self.next,
-            "bank": self.bank[: self.count].cpu(),
-            "lengths": self.lengths[: self.count].cpu(),
-            "width": self.bank.shape[-1],
-        }
+        """Where the ring stands (no tensors: the rows are rebuilt from the data on resume)."""
+        return {"size": self.size, "writes": self.writes, "width": self.width}
 
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        self.count, self.next = int(state["count"]), int(state["next"])
-        if self.count == 0:
-            self.bank = self.lengths = None
-            return
-        bank = state["bank"]
-        self.bank = bank.new_zeros(self.size, bank.shape[1], int(state["width"])).to(device)
-        self.lengths = torch.zeros(self.size, dtype=torch.long, device=device)
-        self.bank[: self.count] = bank.to(device)
-        self.lengths[: self.count] = state["lengths"].to(device)
+    def load_state_dict(self, state: dict) -> None:
+        """Take the ring position of ``state``; the rows stay empty until ``rewind`` + ``remember``."""
+        if int(state["size"]) != self.size:
+            raise ValueError(f"the checkpoint's mixup memory holds {state['size']} examples, this run {self.size}")
+        self.writes, self.width = int(state["writes"]), int(state["width"])
+        self.bank = self.lengths = None
+
+    def rewind(self, writes: int) -> int:
+        """Go back ``writes`` examples with an empty ring, ready to ``remember`` them again in order;
+        returns the position to check against afterwards (the current ``writes``)."""
+        target = self.writes
+        self.writes -= writes
+        self.bank = self.lengths = None
+        return target
 
 
 def random_resize_crop(

@@ -1,14 +1,14 @@
 """Training checkpoints (atomic, exactly resumable) and the inference export.
 
 A checkpoint is one ``torch.save`` file, ``OUT/checkpoints/step-XXXXXXXX.pt``, written by rank 0
-atomically (``atomic.atomic_write``: a temporary file beside it, then ``os.replace``). It holds
+atomically (``atomic.open_atomic``: a new temporary file beside it, then ``os.replace``). It holds
 only tensors, numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
 Keys:
 
 | key | content |
 |---|---|
 | ``format`` | ``"atst-features-train"`` |
-| ``format_version`` | 1 |
+| ``format_version`` | 2 (1: before the mixup memory left the checkpoint; usable as ``--init``, not resumable) |
 | ``command`` | ``"frame"``, ``"clip"``, ``"finetune"`` or ``"c2f"`` |
 | ``step`` | optimizer steps done |
 | ``config`` | the ``TrainConfig`` as a dict |
@@ -19,7 +19,7 @@ Keys:
 | ``modules`` | state dicts of the training modules (student, teacher, heads) |
 | ``optimizer`` | the optimizer state dict |
 | ``schedule`` | the ``Schedule`` parameters (lr, warm-up, weight decay, EMA) |
-| ``rank_states`` | per process: RNG states (torch CPU, CUDA, the augmentation generator) and the mixup memory |
+| ``rank_states`` | per process: RNG states (torch CPU, CUDA, the augmentation generator) and, for pretraining, where the mixup memory's ring stands (three integers; the memory itself is rebuilt from the data on resume, so a checkpoint does not grow with the memory or, beyond a few kB of RNG state each, with the processes) |
 
 ``OUT/export/`` is refreshed at every checkpoint with ``artifacts.save_converted``: ``config.json`` +
 ``model.safetensors`` (+ ``head.safetensors`` and ``labels.json`` for classifiers) +
@@ -44,7 +44,7 @@ from ..model import ATSTConfig
 from .tasks import Export
 
 FORMAT = convert.TRAIN_FORMAT
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
 TRAINING_INFO = "training.json"
@@ -70,9 +70,10 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically (``atomic.atomic_write``)."""
+    """``torch.save`` ``state`` to ``path`` atomically (``atomic.open_atomic``: a new temporary file, never a link)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.atomic_write(path, lambda tmp: torch.save(state, tmp))
+    with atomic.open_atomic(path, "wb") as f:
+        torch.save(state, f)
 
 
 def prune(out: str | os.PathLike, keep: int) -> None:
@@ -91,7 +92,8 @@ def read(path: str | os.PathLike) -> dict:
         raise ValueError(f"{str(path)!r} is not an atst-features training checkpoint (no format={FORMAT!r})")
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"{str(path)!r} has checkpoint format version {state.get('format_version')}; this code reads {FORMAT_VERSION}"
+            f"{str(path)!r} has checkpoint format version {state.get('format_version')}; this code resumes version "
+            f"{FORMAT_VERSION} (an older checkpoint still works as --init or --teacher)"
         )
     return state
 

@@ -5,6 +5,10 @@ to 16 kHz) and cropped there; the log-mel is computed later on the training devi
 random crop comes from a generator seeded by (seed, epoch, index), so it does not depend on the
 number of workers and a resumed run sees the same crops.
 
+Files are checked before the first step (``scan``); one that still fails to decode later (a disk
+that changed) is replaced by the next file of the list, and the batch says which (``skipped``), so
+a bad file costs one warning, never the run.
+
 Data sources (``--data``):
 - a folder: every audio file below it (recursive), sorted; what is audio is the package's one rule
   (``audio.is_audio_path``: an extension of ``audio.AUDIO_EXTENSIONS``, not a hidden file);
@@ -116,12 +120,22 @@ def random_crop(wav: np.ndarray, crop: Crop, rng: np.random.Generator) -> np.nda
     return wav
 
 
+#: Files tried in a row after one fails to decode before the data is declared gone.
+MAX_SUBSTITUTES = 100
+
+
+class DataUnavailable(RuntimeError):
+    """``MAX_SUBSTITUTES`` training files in a row could not be read: the data has gone away."""
+
+
 class CropDataset(Dataset):
     """Decoded, cropped clips. Indexed by ``(index, epoch)`` (what ``ResumableSampler`` yields).
 
-    Each item is ``{"crops": [tensor (n_v,) per crop], "target": (C,) if targets}``: one crop per
-    entry of ``crops``, drawn independently (ATST-Clip's two views) or just one (ATST-Frame,
-    fine-tuning). Waveforms shorter than the front end's minimum are zero-padded to it.
+    Each item is ``{"crops": [tensor (n_v,) per crop], "target": (C,) if targets, "skipped":
+    [(path, reason), ...]}``: one crop per entry of ``crops``, drawn independently (ATST-Clip's two
+    views) or just one (ATST-Frame, fine-tuning). Waveforms shorter than the front end's minimum
+    are zero-padded to it. A file that cannot be decoded is replaced by the next one in the list
+    (deterministically, so a resumed run sees the same), and named in ``skipped``.
     """
 
     def __init__(self, files: Sequence[Path], crops: Sequence[Crop], seed: int, targets: torch.Tensor | None = None):
@@ -137,31 +151,43 @@ class CropDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, epoch = key
+        skipped: list[tuple[str, str]] = []
+        for attempt in range(min(MAX_SUBSTITUTES, len(self.files))):
+            i = (index + attempt) % len(self.files)
+            try:
+                wav = load_audio(self.files[i])
+            except (OSError, ValueError) as e:
+                skipped.append((str(self.files[i]), str(e)))
+                continue
+            return self._item(i, epoch, wav, skipped)
+        raise DataUnavailable(
+            f"{len(skipped)} training files in a row cannot be read (first {skipped[0][0]!r}: {skipped[0][1]}); "
+            "has the data gone away?"
+        )
+
+    def _item(self, index: int, epoch: int, wav: np.ndarray, skipped: list[tuple[str, str]]) -> dict:
         rng = np.random.default_rng([self.seed, epoch, index])
-        try:
-            wav = load_audio(self.files[index])
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read training file {str(self.files[index])!r}: {e}") from None
         crops = []
         for crop in self.crops:
             c = random_crop(wav, crop, rng)
             if c.shape[0] < MIN_SAMPLES:
                 c = np.pad(c, (0, MIN_SAMPLES - c.shape[0]))
             crops.append(torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)))
-        item = {"crops": crops}
+        item = {"crops": crops, "skipped": skipped}
         if self.targets is not None:
             item["target"] = self.targets[index]
         return item
 
 
 def collate(items: list[dict]) -> dict:
-    """Batch items: ``views`` = [(wav (B, N) zero-padded, lengths (B,)) per crop], ``target`` (B, C)."""
+    """Batch items: ``views`` = [(wav (B, N) zero-padded, lengths (B,)) per crop], ``target`` (B, C),
+    ``skipped`` = [(path, reason)] of the files replaced because they could not be read."""
     views = []
     for v in range(len(items[0]["crops"])):
         wavs = [it["crops"][v] for it in items]
         lengths = torch.tensor([w.shape[0] for w in wavs], dtype=torch.long)
         views.append((torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lengths))
-    batch = {"views": views}
+    batch = {"views": views, "skipped": [s for it in items for s in it.get("skipped", ())]}
     if "target" in items[0]:
         batch["target"] = torch.stack([it["target"] for it in items])
     return batch
@@ -188,6 +214,18 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for index in islice(super().__iter__(), self.skip, None):
             yield index, self.epoch
+
+    def batch_keys(self, epoch: int, batch: int) -> list[tuple[int, int]]:
+        """The ``(index, epoch)`` keys of this process's batch number ``batch`` of ``epoch``
+        (what iterating from ``set_position(epoch, batch)`` yields first); the position is kept."""
+        kept = self.epoch, self.skip
+        self.set_epoch(epoch)
+        self.skip = 0
+        try:
+            indices = list(islice(super().__iter__(), batch * self.batch_size, (batch + 1) * self.batch_size))
+        finally:
+            self.epoch, self.skip = kept
+        return [(i, epoch) for i in indices]
 
     def __len__(self) -> int:
         return self.num_samples - self.skip

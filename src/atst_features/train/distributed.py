@@ -49,10 +49,13 @@ def resolve_device(requested: str, env: DistEnv) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` -> this process's GPU ``cuda:LOCAL_RANK``."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError as e:
+        raise ValueError(f"--device {requested!r} is not a device (auto, cpu, cuda, cuda:N): {e}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {requested} asks for CUDA, but torch sees no CUDA device; use --device cpu")
+            raise ValueError(f"--device {requested} asks for CUDA, but torch sees no CUDA device; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -92,4 +95,13 @@ def gather_to_main(obj, env: DistEnv) -> list | None:
         return [obj]
     out = [None] * env.world_size if env.is_main else None
     dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_gather(obj, env: DistEnv) -> list:
+    """Every process's ``obj`` (picklable), in rank order, on every process."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
     return out

@@ -11,7 +11,7 @@ import csv
 import os
 from pathlib import Path
 
-from ..atomic import atomic_write
+from ..atomic import open_append, open_atomic
 
 LOG_NAME = "train_log.csv"
 
@@ -35,22 +35,18 @@ class CSVLog:
             rows = list(csv.DictReader(f))
             fields = rows and list(rows[0].keys())
         keep = [r for r in rows if int(r["step"]) <= step]
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                if fields:
-                    w = csv.DictWriter(f, fieldnames=fields)
-                    w.writeheader()
-                    w.writerows(keep)
-
-        atomic_write(self.path, write)
+        with open_atomic(self.path, "w", newline="", encoding="utf-8") as f:
+            if fields:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(keep)
 
     def write(self, row: dict[str, float | int]) -> None:
         if self.fields is None:
             self.fields = list(row)
-            with open(self.path, "w", newline="", encoding="utf-8") as f:
+            with open_atomic(self.path, "w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerow(self.fields)
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
+        with open_append(self.path, newline="", encoding="utf-8") as f:  # never through a link
             csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(row)
 
 

@@ -16,8 +16,12 @@ optimizer step, and says what to export for inference.
   mixup and random-resize-crop, layer-wise learning-rate decay.
 - ``C2FDistillation`` (ATST-C2F): an ATST-Frame student with a linear head learns from a frozen
   fine-tuned teacher (in eval mode) and the labels: lambda * L(student, teacher) + (1 - lambda) *
-  L(student, labels); L is binary cross-entropy on sigmoid targets (multi-label) or cross-entropy
-  on softmax targets (single-label).
+  L(student, labels).
+
+Classification loss (fine-tuning and C2F), as the official code chooses it: binary cross-entropy
+(against the teacher's sigmoid outputs for the distillation term) for multi-label data and
+whenever mixup is on, single-label included; cross-entropy (against the teacher's softmax) only
+for single-label data without mixup (``--loss`` overrides, see ``config.finalize``).
 
 BYOL heads: projector D -> 4096 -> 256 on student and teacher, predictor 256 -> 4096 -> 256 on
 the student; each term is 2 - 2 cos(prediction, teacher projection). The teacher is a copy of
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -60,24 +64,35 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1)).mean()
 
 
-def feature_std(x: torch.Tensor) -> torch.Tensor:
-    """Std over samples of each feature, averaged over features: (N, D) -> scalar. Near 0 = collapse."""
-    return x.detach().float().std(dim=0).mean()
+#: ``collapse_std`` below this means the features are collapsing (see ``collapse_std``).
+COLLAPSE_STD = 0.1
 
 
-def classification_loss(logits: torch.Tensor, target: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    """Binary cross-entropy (multi-label) or cross-entropy with probability targets; (B, C) each."""
+def collapse_std(x: torch.Tensor) -> torch.Tensor:
+    """How spread out a batch of features is: sqrt(D) x the mean over features of the std over
+    samples of the L2-normalised rows. (N, D) -> scalar, float32.
+
+    Scale-free: about 1 for features spread evenly in all directions (each normalised coordinate
+    then has std 1/sqrt(D)), 0 when every row points the same way (collapse). Below
+    ``COLLAPSE_STD`` (0.1) the representation is collapsing.
+    """
+    x = F.normalize(x.detach().float(), dim=-1)
+    return x.std(dim=0).mean() * x.shape[-1] ** 0.5
+
+
+def classification_loss(logits: torch.Tensor, target: torch.Tensor, bce: bool) -> torch.Tensor:
+    """Binary cross-entropy with logits (``bce``), or cross-entropy with probability targets; (B, C) each."""
     logits = logits.float()
-    if multilabel:
+    if bce:
         return F.binary_cross_entropy_with_logits(logits, target)
     return F.cross_entropy(logits, target)
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    """Student logits against the teacher's sigmoid (multi-label) or softmax (single-label) outputs."""
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, bce: bool) -> torch.Tensor:
+    """Student logits against the teacher's sigmoid outputs (``bce``) or its softmax (cross-entropy)."""
     teacher = teacher.detach().float()
-    soft = torch.sigmoid(teacher) if multilabel else torch.softmax(teacher, dim=-1)
-    return classification_loss(student, soft, multilabel)
+    soft = torch.sigmoid(teacher) if bce else torch.softmax(teacher, dim=-1)
+    return classification_loss(student, soft, bce)
 
 
 def pooled_features(encoder: ATSTEncoder, mel: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
@@ -187,6 +202,13 @@ class Task:
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    def memory_steps(self) -> int:
+        """How many of the latest steps' batches ``rebuild_memory`` needs after a resume (0: none)."""
+        return 0
+
+    def rebuild_memory(self, batches: Iterable[dict], steps: int) -> None:
+        """Rebuild state that lives in the data stream (the mixup memory) from the last ``steps`` batches."""
+
     def run_trainable(self, *args, **kwargs):
         return (self.forward_trainable or self.trainable)(*args, **kwargs)
 
@@ -233,6 +255,8 @@ class BYOLNetwork(nn.Module):
 class BYOLPretraining(Task):
     """Student (encoder, projector, predictor) trained by gradients; teacher = EMA of the student."""
 
+    views = 1  # crops per clip, each remembered by the mixup memory once per step
+
     def __init__(self, cfg: TrainConfig, device: torch.device, rng: np.random.Generator, encoder_cfg: ATSTConfig, sync_bn: bool):
         super().__init__(cfg, device, rng)
         self.encoder_cfg = encoder_cfg
@@ -277,26 +301,31 @@ class BYOLPretraining(Task):
         return {"mixup": self.mixup.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.mixup.load_state_dict(state["mixup"], self.device)
+        self.mixup.load_state_dict(state["mixup"])
+
+    def memory_steps(self) -> int:
+        """Steps whose clean views refill the mixup memory (every view of a step is remembered)."""
+        per_step = min(self.cfg.batch_size, self.mixup.size) * self.views
+        return -(-self.mixup.rows_needed(self.cfg.batch_size) // per_step) if per_step else 0
+
+    def rebuild_memory(self, batches: Iterable[dict], steps: int) -> None:
+        """Remember the clean views of the last ``steps`` batches again, in training order."""
+        target = self.mixup.rewind(steps * min(self.cfg.batch_size, self.mixup.size) * self.views)
+        for batch in batches:
+            for wav, lengths in batch["views"]:
+                self.mixup.remember(*self.log_mel(wav, lengths))
+        if self.mixup.writes != target:
+            raise RuntimeError(f"the mixup memory was rebuilt to {self.mixup.writes} writes, expected {target}")
 
     def export(self) -> Export:
         return Export(_inference_config(self.encoder_cfg), _cpu_state(self.teacher.encoder))
 
     def metrics(self, loss: torch.Tensor, s_feat: torch.Tensor, t_feat: torch.Tensor) -> dict:
-        return {"loss": loss.detach(), "std_student": feature_std(s_feat), "std_teacher": feature_std(t_feat)}
+        return {"loss": loss.detach(), "std_student": collapse_std(s_feat), "std_teacher": collapse_std(t_feat)}
 
 
 class FramePretraining(BYOLPretraining):
-    name = "frame"
-
-    def __init__(self, cfg, device, rng, encoder_cfg, sync_bn):
-        super().__init__(cfg, device, rng, encoder_cfg, sync_bn)
-        tokens = frontend.num_frames(round(cfg.crop_seconds * frontend.SAMPLE_RATE)) // encoder_cfg.patch_w
-        if tokens > encoder_cfg.max_tokens:
-            raise ValueError(
-                f"--crop-seconds {cfg.crop_seconds} gives {tokens} patches; this encoder takes at most "
-                f"{encoder_cfg.max_tokens} (10 s crops at most)"
-            )
+    name = "frame"  # one crop: its clean log-mel is remembered, the mixed view is derived from it
 
     def training_step(self, batch: dict):
         wav, lengths = batch["views"][0]
@@ -321,16 +350,11 @@ class FramePretraining(BYOLPretraining):
 
 class ClipPretraining(BYOLPretraining):
     name = "clip"
+    views = 2  # two crops, each mixed and then remembered
 
     def __init__(self, cfg, device, rng, encoder_cfg, sync_bn):
         super().__init__(cfg, device, rng, encoder_cfg, sync_bn)
         self.student.encoder.mask_embed.requires_grad_(False)  # no masking in ATST-Clip
-        for seconds in (cfg.crop_seconds, cfg.positive_seconds):
-            tokens = frontend.num_frames(round(seconds * frontend.SAMPLE_RATE)) // encoder_cfg.patch_w
-            if tokens > encoder_cfg.max_tokens:
-                raise ValueError(
-                    f"a {seconds} s crop gives {tokens} patches; this encoder takes at most {encoder_cfg.max_tokens}"
-                )
 
     def _view(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mel, n_frames = self.log_mel(wav, lengths)
@@ -392,6 +416,9 @@ class SupervisedTask(Task):
         self.model = model.to(device)
         self.model.encoder.gradient_checkpointing = cfg.gradient_checkpointing
         self.trainable = self.model
+        if cfg.loss == "ce" and multilabel:
+            raise ValueError("cross-entropy is for single-label data; multi-label training uses binary cross-entropy")
+        self.bce = cfg.loss != "ce"
 
     def param_groups(self) -> list[dict]:
         depth, decay = self.encoder_cfg.depth, self.cfg.layer_decay
@@ -435,7 +462,7 @@ class Finetuning(SupervisedTask):
         mel, n_frames, target = self.batch(batch)
         with autocast(self.device, self.cfg.precision):
             logits = self.run_trainable(mel, n_frames)
-        loss = classification_loss(logits, target, self.multilabel)
+        loss = classification_loss(logits, target, self.bce)
         return loss, {"loss": loss.detach()}
 
 
@@ -474,14 +501,14 @@ class C2FDistillation(SupervisedTask):
             logits = self.run_trainable(mel, n_frames)
             with torch.no_grad():
                 teacher_logits = self.teacher(mel, n_frames)
-        loss_d = distillation_loss(logits, teacher_logits, self.multilabel)
+        loss_d = distillation_loss(logits, teacher_logits, self.bce)
         metrics = {"loss_distill": loss_d.detach()}
         if target is None:
             if lam < 1.0:
                 raise ValueError("c2f with --distill-weight < 1 needs labels: pass a CSV with 'file' and 'labels' as --data")
             loss = loss_d
         else:
-            loss_c = classification_loss(logits, target, self.multilabel)
+            loss_c = classification_loss(logits, target, self.bce)
             loss = lam * loss_d + (1.0 - lam) * loss_c
             metrics["loss_label"] = loss_c.detach()
         metrics["loss"] = loss.detach()

@@ -5,6 +5,12 @@ wraps the trainable one in ``DistributedDataParallel`` (batch norms of the heads
 ``SyncBatchNorm`` on CUDA) and reads its share of the data through a ``DistributedSampler``; rank 0
 writes logs and checkpoints.
 
+Start-up, in this order, so that bad settings and bad data stop the run before anything is built:
+list the data, scan it (``scan``), read ``--init`` / ``--teacher``, check the crop against the
+encoder, turn epochs into steps (``config.finalize``); then build the task, the data loader, the
+optimizer and the schedule, restore a checkpoint (and rebuild the mixup memory from the data
+stream), and print the start (or resume) line.
+
 Per step: set lr and weight decay for the step; log-mel + augmentation + forward (bf16 autocast
 if asked) + loss; backward; optional gradient clipping; optimizer step; EMA teacher update.
 """
@@ -23,13 +29,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..model import ATSTConfig
-from . import checkpoint, data, distributed
-from .config import LR_REFERENCE_BATCH, TrainConfig
+from . import checkpoint, data, distributed, scan
+from .config import LR_REFERENCE_BATCH, TrainConfig, crop_problem, finalize
 from .logs import LOG_NAME, CSVLog, TensorBoardLog
 from .schedules import Schedule
-from .tasks import C2FDistillation, ClipPretraining, Finetuning, FramePretraining, Task, build_classifier
+from .tasks import COLLAPSE_STD, C2FDistillation, ClipPretraining, Finetuning, FramePretraining, Task, build_classifier
+
+FAMILY_OF_COMMAND = {"frame": "frame", "clip": "clip", "c2f": "frame"}
 
 
 def _encoder_config(cfg: TrainConfig, family: str) -> ATSTConfig:
@@ -45,22 +54,29 @@ def _from_init(cfg: TrainConfig, family: str | None) -> checkpoint.Pretrained:
     return pre
 
 
-def _teacher_classifier(source: str) -> tuple[nn.Module, dict]:
+def _teacher(source: str) -> checkpoint.Pretrained:
     """The fine-tuned C2F teacher (encoder + head) from a finetune checkpoint or its export directory."""
     pre = checkpoint.load_pretrained(source)
     if pre.head_state_dict is None or pre.head_meta is None:
         raise ValueError(f"--teacher {source!r} has no classification head; pass a checkpoint (or export/) written by `finetune`")
+    return pre
+
+
+def _teacher_classifier(pre: checkpoint.Pretrained) -> nn.Module:
     model = build_classifier(replace(pre.config, drop_path_rate=0.0), pre.head_meta["classes"])
     model.encoder.load_state_dict(pre.state_dict, strict=True)
     model.head.load_state_dict(pre.head_state_dict, strict=True)
-    return model, pre.head_meta
+    return model
+
+
+def _millions(module: nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
 
 
 class Trainer:
     """Build everything for ``cfg`` (a resolved ``TrainConfig``), optionally from a checkpoint, then ``fit()``."""
 
     def __init__(self, cfg: TrainConfig, saved: dict | None = None, env: distributed.DistEnv | None = None):
-        self.cfg = cfg
         self.env = env or distributed.env_from_torchrun()
         self.device = distributed.resolve_device(cfg.device, self.env)
         distributed.init_process_group(self.env, self.device)
@@ -69,42 +85,52 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.rng = np.random.default_rng([cfg.seed, self.env.rank, 1])  # augmentation decisions of this process
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
+        self.cfg = cfg
+        self.report = self.out / scan.REPORT_NAME
+        self.skipped_files = 0  # files that failed to decode during training, all processes
 
+        # -- what the run needs, read and checked before anything is built
         spec = saved["task"] if saved else {}
-        teacher = teacher_meta = None
+        teacher_pre = teacher_meta = None
         if cfg.command == "c2f":
-            teacher, teacher_meta = self._c2f_teacher(spec)
+            teacher_meta = spec["teacher_head"] if spec else None
+            if not spec:
+                teacher_pre = _teacher(cfg.teacher)
+                teacher_meta = teacher_pre.head_meta
         files, targets, classes, multilabel = self._data(spec, teacher_meta)
-        self.task = self._build_task(spec, classes, multilabel, teacher, teacher_meta)
-
-        crops = self._crops()
-        self.dataset = data.CropDataset(files, crops, seed=cfg.seed, targets=targets)
-        self.sampler = data.ResumableSampler(self.dataset, self.env.world_size, self.env.rank, cfg.seed, cfg.batch_size)
-        if self.sampler.batches_per_epoch < 1:
+        files, targets = self._scan(files, targets)
+        pre, enc_cfg = self._encoder(spec)
+        if cfg.pretraining:
+            crops = [("--crop-seconds", cfg.crop_seconds)] + ([("--positive-seconds", cfg.positive_seconds)] if cfg.command == "clip" else [])
+            problems = [m for flag, s in crops if (m := crop_problem(s, enc_cfg, flag))]
+            if problems:
+                raise ValueError("; ".join(problems))
+        per_epoch = len(files) // self.env.world_size // cfg.batch_size
+        if per_epoch < 1:
             raise ValueError(
-                f"{len(files)} training files are too few for {self.env.world_size} process(es) x batch size "
+                f"{len(files)} usable training files are too few for {self.env.world_size} process(es) x batch size "
                 f"{cfg.batch_size}; pass more data or a smaller --batch-size"
             )
-        self.loader = DataLoader(
-            self.dataset,
-            batch_size=cfg.batch_size,
-            sampler=self.sampler,
-            num_workers=cfg.num_workers,
-            collate_fn=data.collate,
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-            persistent_workers=cfg.num_workers > 0,
-            generator=torch.Generator(),  # keeps the global RNG untouched by new iterators (exact resume)
-        )
+        self.cfg = cfg = finalize(cfg, enc_cfg.family, per_epoch, multilabel)
 
+        # -- build
+        teacher = None
+        if cfg.command == "c2f":
+            if spec:  # rebuilt from the checkpoint; weights come with the modules
+                teacher = build_classifier(ATSTConfig.from_dict(spec["teacher_encoder"]), teacher_meta["classes"])
+            else:
+                teacher = _teacher_classifier(teacher_pre)
+        self.task = self._build_task(enc_cfg, pre, classes, multilabel, teacher, teacher_meta)
+        self.dataset = data.CropDataset(files, self._crops(), seed=cfg.seed, targets=targets)
+        self.sampler = data.ResumableSampler(self.dataset, self.env.world_size, self.env.rank, cfg.seed, cfg.batch_size)
+        self.loader = self._loader(self.sampler, persistent=True)
         if self.env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.task.forward_trainable = DistributedDataParallel(self.task.trainable, device_ids=ids)
             self._broadcast_frozen_modules()
         self.optimizer = self._optimizer()
-        global_batch = self.env.world_size * cfg.batch_size
         self.schedule = Schedule(
-            lr=cfg.lr * global_batch / LR_REFERENCE_BATCH,
+            lr=cfg.lr * self.global_batch / LR_REFERENCE_BATCH,
             min_lr=cfg.min_lr,
             warmup_steps=cfg.warmup_steps,
             max_steps=cfg.max_steps,
@@ -113,6 +139,7 @@ class Trainer:
             ema=cfg.ema if cfg.pretraining else None,
         )
         self.step = 0
+        self._say(self._start_line(pre is not None))
         if saved:
             self._restore(saved)
         else:
@@ -122,14 +149,18 @@ class Trainer:
             self.csv = CSVLog(self.out / LOG_NAME, resume_step=self.step if saved else None)
             if cfg.tensorboard:
                 self.tb = TensorBoardLog(self.out / "tensorboard")
+        self._warned_collapse = False
+
+    @property
+    def global_batch(self) -> int:
+        return self.env.world_size * self.cfg.batch_size
 
     # ------------------------------------------------------------------ construction
 
-    def _c2f_teacher(self, spec: dict):
-        if spec:  # rebuilt from the checkpoint; weights come with the modules
-            meta = spec["teacher_head"]
-            return build_classifier(ATSTConfig.from_dict(spec["teacher_encoder"]), meta["classes"]), meta
-        return _teacher_classifier(self.cfg.teacher)
+    def _say(self, line: str) -> None:
+        """A status line on rank 0's stderr (above the progress bar, if one is shown)."""
+        if self.env.is_main:
+            tqdm.write(f"[{self.cfg.command}] {line}", file=sys.stderr)
 
     def _data(self, spec: dict, teacher_meta: dict | None):
         """(files, targets or None, classes, multilabel) for the command."""
@@ -154,19 +185,42 @@ class Trainer:
             raise ValueError(f"{cfg.data!r}: single-label training needs exactly one label per file; pass --multilabel")
         return files, data.multi_hot(labels, classes), classes, multilabel
 
-    def _build_task(self, spec, classes, multilabel, teacher, teacher_meta) -> Task:
+    def _scan(self, files: list[Path], targets: torch.Tensor | None) -> tuple[list[Path], torch.Tensor | None]:
+        """Leave out unusable files (listed in ``OUT/data_report.csv``); an error with ``--strict-data``."""
+        cfg, env = self.cfg, self.env
+        merge = None
+        if env.distributed:
+            merge = lambda found: distributed.all_gather(found, env)  # noqa: E731
+        result = scan.scan(
+            files, cfg.data, cfg.num_workers, (env.rank, env.world_size), merge, show=env.is_main and cfg.progress
+        )
+        if env.is_main:
+            scan.write_report(self.report, result.problems)
+        self._say(scan.summary(len(files), result, self.report))
+        if result.problems and cfg.strict_data:
+            first = result.problems[0]
+            raise ValueError(
+                f"{len(result.problems)} training files are unusable (first: {first.path!r}, {first.reason}); "
+                f"see {self.report}, or drop --strict-data to skip them"
+            )
+        if not result.keep:
+            raise ValueError(f"none of the {len(files)} training files is usable; see {self.report}")
+        kept = [files[i] for i in result.keep]
+        return kept, (targets[result.keep] if targets is not None else None)
+
+    def _encoder(self, spec: dict) -> tuple[checkpoint.Pretrained | None, ATSTConfig]:
+        """The encoder to start from (``--init``, read but not built) and its config."""
+        cfg = self.cfg
+        if spec:
+            return None, ATSTConfig.from_dict(spec["student_encoder"])
+        if cfg.init:
+            pre = _from_init(cfg, FAMILY_OF_COMMAND.get(cfg.command))
+            return pre, replace(pre.config, drop_path_rate=cfg.drop_path)
+        return None, _encoder_config(cfg, cfg.family or "clip")
+
+    def _build_task(self, enc_cfg, pre, classes, multilabel, teacher, teacher_meta) -> Task:
         cfg = self.cfg
         sync_bn = self.env.distributed and self.device.type == "cuda"
-        pre = None
-        if spec:
-            enc_cfg = ATSTConfig.from_dict(spec["student_encoder"])
-        elif cfg.init:
-            pre = _from_init(cfg, {"frame": "frame", "clip": "clip", "c2f": "frame"}.get(cfg.command))
-            enc_cfg = replace(pre.config, drop_path_rate=cfg.drop_path)
-        elif cfg.command == "c2f":
-            raise ValueError("c2f fine-tunes a pretrained ATST-Frame: pass --init (a frame checkpoint or model directory)")
-        else:
-            enc_cfg = _encoder_config(cfg, cfg.family or "clip")
         args = (cfg, self.device, self.rng, enc_cfg)
         if cfg.command == "frame":
             task = FramePretraining(*args, sync_bn)
@@ -191,12 +245,47 @@ class Trainer:
             return [data.Crop(cfg.crop_seconds), data.Crop(cfg.positive_seconds)]
         return [data.Crop(cfg.crop_seconds)]
 
+    def _loader(self, sampler, persistent: bool = False) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=data.collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=persistent and workers > 0,
+            generator=torch.Generator(),  # keeps the global RNG untouched by new iterators (exact resume)
+        )
+
     def _optimizer(self) -> torch.optim.Optimizer:
         groups = self.task.param_groups()
         if self.cfg.pretraining:
             fused = self.device.type == "cuda"
             return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, fused=fused)
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=0.0)
+
+    def _start_line(self, from_init: bool) -> str:
+        """What runs: task, encoder, data, steps, global batch, lr, optimizer, loss, precision, device."""
+        cfg, enc = self.cfg, self.task.encoder_cfg
+        per_epoch = self.sampler.batches_per_epoch
+        start = f"from {cfg.init}" if from_init else "from scratch"
+        what = (
+            f"ATST-{enc.family.capitalize()} {enc.embed_dim}-d x {enc.depth} blocks "
+            f"({_millions(self.task.trainable):.2f} M trainable parameters, {start})"
+        )
+        batches = f"{per_epoch} batch{'es' if per_epoch != 1 else ''}"
+        steps = f"{cfg.max_steps} steps ({cfg.max_steps / per_epoch:.3g} epochs of {batches}), warm-up {cfg.warmup_steps}"
+        batch = f"global batch {self.global_batch} ({self.env.world_size} process(es) x {cfg.batch_size})"
+        lr = f"lr {cfg.lr * self.global_batch / LR_REFERENCE_BATCH:.4g} ({cfg.lr:g} per 256)"
+        if cfg.pretraining:
+            how = f"AdamW, EMA {cfg.ema:g}"
+        else:
+            how = f"SGD, layer decay {cfg.layer_decay:g}, {cfg.loss.upper()} loss, recipe {cfg.recipe}"
+            if cfg.command == "c2f":
+                how += f", distill weight {cfg.distill_weight:g}"
+        return f"{what}; {len(self.dataset)} files; {steps}; {batch}; {lr}; {how}; {cfg.precision} on {self.device}"
 
     def _broadcast_frozen_modules(self) -> None:
         """Make the modules DDP does not wrap (teachers) bit-identical to rank 0's."""
@@ -212,8 +301,11 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.step = int(saved["step"])
         states = saved["rank_states"]
-        if len(states) == self.env.world_size and saved["schedule"] == self.schedule.to_dict():
-            self.task.load_extra_state(states[self.env.rank])
+        exact = len(states) == self.env.world_size and saved["schedule"] == self.schedule.to_dict()
+        # The per-process extra state (the mixup ring position) is the same on every process.
+        self.task.load_extra_state(states[min(self.env.rank, len(states) - 1)])
+        rebuilt = self._rebuild_memory()
+        if exact:
             checkpoint.set_rng_state(states[self.env.rank]["rng"], self.device, self.rng)
         else:
             warnings.warn(
@@ -225,6 +317,20 @@ class Trainer:
             self.rng = np.random.default_rng([self.cfg.seed, self.env.rank, self.step])
             self.task.rng = self.rng
             torch.manual_seed(self.cfg.seed + 7919 * (self.env.rank + 1) + self.step)
+        where = f" ({saved['path']})" if saved.get("path") else ""
+        memory = f"; mixup memory rebuilt from the last {rebuilt} steps' data" if rebuilt else ""
+        self._say(f"resumed from step {self.step} of {self.cfg.max_steps}{where}{memory}")
+
+    def _rebuild_memory(self) -> int:
+        """Refill the state that lives in the data stream (the mixup memory) from the batches of the
+        last steps before ``self.step``, read again in order; returns how many steps were read."""
+        steps = min(self.task.memory_steps(), self.step)
+        if steps == 0:
+            return 0
+        per_epoch = self.sampler.batches_per_epoch
+        keys = [k for s in range(self.step - steps, self.step) for k in self.sampler.batch_keys(*divmod(s, per_epoch))]
+        self.task.rebuild_memory(iter(self._loader(keys)), steps)
+        return steps
 
     # ------------------------------------------------------------------ the loop
 
@@ -235,25 +341,43 @@ class Trainer:
         per_epoch = self.sampler.batches_per_epoch
         acc: dict[str, torch.Tensor | float] = {}
         n_acc, t_last, saved_at = 0, time.perf_counter(), self.step
+        pending: list[scan.Problem] = []
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        while self.step < cfg.max_steps:
-            epoch, done = divmod(self.step, per_epoch)
-            self.sampler.set_position(epoch, done)
-            for batch in self.loader:
-                metrics = self._train_step(batch)
-                for k, v in metrics.items():
-                    acc[k] = acc.get(k, 0.0) + v
-                n_acc += 1
-                last = self.step >= cfg.max_steps
-                if self.step % cfg.log_every == 0 or last:
-                    self._log(acc, n_acc, epoch, time.perf_counter() - t_last)
-                    acc, n_acc, t_last = {}, 0, time.perf_counter()
-                if save_checkpoints and cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save()
-                    saved_at = self.step
-                if last:
-                    break
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=cfg.command,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=not (self.env.is_main and cfg.progress),
+        )
+        try:
+            while self.step < cfg.max_steps:
+                epoch, done = divmod(self.step, per_epoch)
+                self.sampler.set_position(epoch, done)
+                for batch in self.loader:
+                    pending += [scan.Problem(p, r, f"step {self.step + 1}") for p, r in batch.pop("skipped", ())]
+                    metrics = self._train_step(batch)
+                    bar.update(1)
+                    for k, v in metrics.items():
+                        acc[k] = acc.get(k, 0.0) + v
+                    n_acc += 1
+                    last = self.step >= cfg.max_steps
+                    if self.step % cfg.log_every == 0 or last:
+                        self._note_skipped(pending)
+                        pending = []
+                        row = self._log(acc, n_acc, epoch, time.perf_counter() - t_last)
+                        bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
+                        acc, n_acc, t_last = {}, 0, time.perf_counter()
+                    if save_checkpoints and cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save()
+                        saved_at = self.step
+                    if last:
+                        break
+        finally:
+            bar.close()
         if save_checkpoints and saved_at != self.step:
             self.save()
         if self.tb is not None:
@@ -276,7 +400,22 @@ class Trainer:
         self.step += 1
         return metrics
 
-    def _log(self, acc: dict, n: int, epoch: int, seconds: float) -> None:
+    def _note_skipped(self, problems: list[scan.Problem]) -> None:
+        """Count the files every process replaced since the last row; rank 0 reports them."""
+        gathered = distributed.gather_to_main(problems, self.env)
+        if not self.env.is_main:
+            return
+        new = [p for part in gathered for p in part]
+        if not new:
+            return
+        self.skipped_files += len(new)
+        scan.append_report(self.report, new)
+        for p in new[:5]:
+            self._say(f"warning: skipped {p.path!r} at {p.when} ({p.reason}); another file took its place")
+        if len(new) > 5:
+            self._say(f"warning: {len(new) - 5} more files skipped; see {self.report}")
+
+    def _log(self, acc: dict, n: int, epoch: int, seconds: float) -> dict:
         values = {k: float(v) / n for k, v in acc.items()}  # one device sync per logged row
         values = distributed.mean_over_ranks(values, self.env, self.device)
         if not math.isfinite(values["loss"]):
@@ -288,15 +427,29 @@ class Trainer:
         if self.cfg.pretraining:
             row["weight_decay"] = self.schedule.weight_decay_at(step)
             row["ema_momentum"] = self.schedule.ema_at(step)
-        row["samples_per_s"] = n * self.cfg.batch_size * self.env.world_size / max(seconds, 1e-9)
+            self._check_collapse(row)
+        row["skipped_files"] = self.skipped_files
+        row["samples_per_s"] = n * self.global_batch / max(seconds, 1e-9)
         if self.device.type == "cuda":
             row["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.env.is_main:
             self.csv.write(row)
             if self.tb is not None:
                 self.tb.write(row)
-            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-            print(f"[{self.cfg.command}] {shown}", file=sys.stderr, flush=True)
+            if not self.cfg.progress:
+                shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+                self._say(shown)
+        return row
+
+    def _check_collapse(self, row: dict) -> None:
+        """Warn (once) when the teacher's features stop spreading out (``tasks.collapse_std``)."""
+        if self._warned_collapse or row["std_teacher"] >= COLLAPSE_STD:
+            return
+        self._warned_collapse = True
+        self._say(
+            f"warning: std_teacher {row['std_teacher']:.3g} < {COLLAPSE_STD} at step {row['step']} (loss "
+            f"{row['loss']:.3g}): the representation is collapsing; lower --lr or raise --ema"
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
