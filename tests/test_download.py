@@ -29,6 +29,7 @@ from test_convert import TINY_HEADS, make_finetuned, make_lightning_pretrain, sh
 
 import atst_features as af
 from atst_features import artifacts, cli, fetch, hub, weights
+from atst_features import cache as model_cache
 from atst_features.errors import CheckpointError, DownloadError, IntegrityError, LoadArgumentError, LoadError, ManifestError
 from atst_features.model import ATSTConfig
 
@@ -205,7 +206,7 @@ def _assert_clean(cache: Path, pinned: bool = False) -> None:
     assert not (cache / "downloads" / NAME).exists()
     assert not [p for p in cache.iterdir() if p.name.startswith(f".{NAME}-")] if cache.exists() else True
     if not pinned:
-        assert NAME not in weights._read_pins(cache)
+        assert NAME not in model_cache._read_pins(cache)
 
 
 def _cli(argv: list[str]) -> int:
@@ -308,11 +309,11 @@ def test_the_opt_out_accepts_another_file_loudly(server, online, official_bytes,
 def test_the_opt_out_never_pins(server, online, official_bytes, tmp_path):
     manifest = _serve(server, official_bytes, pin=None)
     af.download(NAME, manifest=manifest, cache_dir=tmp_path, progress=False, allow_other_file=True)
-    assert NAME not in weights._read_pins(tmp_path)
+    assert NAME not in model_cache._read_pins(tmp_path)
     assert artifacts.read_checksums(tmp_path / NAME)["source"]["pinned"] is False
     with pytest.raises(IntegrityError, match="accepted with the opt-out"):
         af.load(NAME, manifest=manifest, cache_dir=tmp_path)
-    assert NAME not in weights._read_pins(tmp_path)
+    assert NAME not in model_cache._read_pins(tmp_path)
 
 
 def test_first_use_pins_an_unpinned_source(server, online, official_bytes, other_bytes, tmp_path, capsys):
@@ -324,7 +325,7 @@ def test_first_use_pins_an_unpinned_source(server, online, official_bytes, other
     cache = tmp_path / "cache"
     assert weights.pin_status(NAME, cache_dir=cache, manifest=manifest) == "first-use"
     af.download(NAME, manifest=manifest, cache_dir=cache, progress=False)
-    pins = weights._read_pins(cache)[NAME][server.url + FILE]
+    pins = model_cache._read_pins(cache)[NAME][server.url + FILE]
     assert pins["sha256"] == hashlib.sha256(official_bytes).hexdigest() and pins["size"] == len(official_bytes)
     assert weights.pin_status(NAME, cache_dir=cache, manifest=manifest) == "first-use: pinned here"
     assert _cli(["list", "--manifest", str(manifest_path), "--cache-dir", str(cache)]) == 0
@@ -337,7 +338,7 @@ def test_first_use_pins_an_unpinned_source(server, online, official_bytes, other
     _assert_is_the(af.load(NAME, manifest=manifest, cache_dir=cache), official_bytes)  # the old copy is intact
     with pytest.warns(UserWarning, match="used anyway"):
         af.download(NAME, manifest=manifest, cache_dir=cache, progress=False, force=True, allow_other_file=True)
-    assert weights._read_pins(cache)[NAME][server.url + FILE] == pins  # never replaced
+    assert model_cache._read_pins(cache)[NAME][server.url + FILE] == pins  # never replaced
 
 
 def _assert_is_the(model: af.ATSTModel, data: bytes) -> None:
