@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import frontend, pooling
+from ..backbone import layer_lr_scale as layer_scale  # the one layer-wise lr rule
 from ..chunks import encode_chunks, gather
 from ..model import ATSTConfig, ATSTEncoder
 from . import augment
@@ -114,18 +115,6 @@ def pooled_features(encoder: ATSTEncoder, mel: torch.Tensor, n_frames: torch.Ten
     sums = pooling.masked_token_sum(out.tokens, torch.tensor(n_tokens))  # (C, 1, D) float32
     cls = None if out.cls is None else out.cls.float()
     return pooling.pool_clip_vectors(plan, sums, cls, items=list(range(mel.shape[0])))  # (B, [2] D)
-
-
-def layer_scale(name: str, depth: int, decay: float) -> float:
-    """Layer-wise lr factor of an encoder parameter: decay^(depth - b) for block b, decay^depth for
-    the embeddings (as block 0), decay for the final norm."""
-    if name.startswith("blocks."):
-        return decay ** (depth - int(name.split(".")[1]))
-    if name.startswith("norm."):
-        return decay
-    if name in ("pos_embed", "mask_embed", "cls_token") or name.startswith("patch_embed."):
-        return decay**depth
-    raise ValueError(f"no layer-wise learning-rate rule for encoder parameter {name!r}")
 
 
 def decays(name: str, p: nn.Parameter) -> bool:
