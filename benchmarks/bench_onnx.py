@@ -1,87 +1,69 @@
-"""CPU throughput of ATST-Frame base (random weights) on the ONNX Runtime backends.
+"""One-time costs of the ONNX Runtime backends, ATST-Frame base (random weights).
 
-10 s clips, all 12 blocks' frame embeddings through ``ATSTModel.embed_frames`` (the one engine:
-front end, chunking and pooling are the same in every row), in one run and on the same weights
-and input:
-  torch      the encoder itself, float32: the baseline;
-  onnx       the exported float32 graph in ONNX Runtime (``attach_backend(model, "onnx")``);
-  onnx-int8  the same graph with its weight matrix multiplications in int8 ("onnx-int8").
-Also the one-time costs: exporting each graph, and loading it again from the cache. Timing as in
-``bench_cpu.py``: runs during which other processes took over 10 % of the CPUs are repeated, and
-"others" is their share during the run reported.
+For each of ``af.load(d, backend="onnxruntime")`` and ``"onnxruntime-int8"`` on one model
+directory written by the package: the first load (export, and quantization for int8, into
+``d/onnx/``), a second load (the cached graph: its sha256 checked, a session made), and the
+graph's size. Throughput and accuracy of every path are ``bench_cpu.py``'s; this script only
+times what a deployment pays once. Each load is timed ``--repeats`` times in a fresh cache
+(min / median / max).
 
-Run:  python benchmarks/bench_onnx.py [--clips 4] [--batch 4] [--repeats 3] [--threads N]
+Run:  python benchmarks/bench_onnx.py [--repeats 1] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
-from bench_cpu import CLIP_S, SR, cpu_name, timed  # this folder's CPU benchmark: the same clips and timer
-
+import atst_features as af
+from atst_features.artifacts import save_converted
 from atst_features.model import ATSTConfig, ATSTEncoder
-from atst_features.onnx_export import attach_backend
-from atst_features.weights import build
+from atst_features.onnx_export import GRAPH_DIR
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+from bench_cpu import cpu_summary  # this folder's CPU benchmark: the same machine summary
+
+BACKENDS = ("onnxruntime", "onnxruntime-int8")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", type=int, default=4)
-    ap.add_argument("--batch", type=int, nargs="+", default=[4], help="chunks per encoder pass (one row each)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import onnxruntime
-
     torch.manual_seed(0)
     cfg = ATSTConfig(family="frame", embed_dim=768, depth=12, num_heads=12)
     sd = ATSTEncoder(cfg).state_dict()
-    wavs = 0.1 * torch.randn(args.clips, int(CLIP_S * SR))
-    models, setup = {}, {}
-    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as cache:
-        for backend in BACKENDS:
-            t0 = time.perf_counter()
-            models[backend] = attach_backend(build(cfg, sd), backend, cache)
-            t_export = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            attach_backend(build(cfg, sd), backend, cache)  # from the cache: hash check + session
-            setup[backend] = (t_export, time.perf_counter() - t0)
+    print(cpu_summary())
+    times: dict[str, tuple[list[float], list[float], int]] = {b: ([], [], 0) for b in BACKENDS}
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+            directory = save_converted(cfg, sd, os.path.join(tmp, "model"))
+            for backend in BACKENDS:
+                first, again, _ = times[backend]
+                t0 = time.perf_counter()
+                af.load(directory, backend=backend)
+                first.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                model = af.load(directory, backend=backend)
+                again.append(time.perf_counter() - t0)
+                graph = model.choices["backend"].split(": ", 1)[1]
+                times[backend] = (first, again, os.path.getsize(graph))
+            assert len(list((directory / GRAPH_DIR).glob("*.onnx"))) == len(BACKENDS)
 
-        rows = []
-        for batch in args.batch:
-            results = {
-                b: timed(lambda m=m: m.embed_frames(wavs, SR, batch_size=batch), args.repeats) for b, m in models.items()
-            }
-            ref = results["torch"][1].embeddings.reshape(-1, cfg.embed_dim)
-            for backend, (t, out, others) in results.items():
-                got = out.embeddings.reshape(-1, cfg.embed_dim)
-                err = (got - ref).abs().max().item()
-                cos = F.cosine_similarity(got, ref, dim=-1).min().item()
-                rows.append((backend, batch, t, results["torch"][0] / t, err, cos, others))
+    def spread(ts: list[float]) -> str:
+        return f"{min(ts):.1f} / {statistics.median(ts):.1f} / {max(ts):.1f}"
 
-    print(
-        f"ATST-Frame base, {args.clips} x {CLIP_S:.0f} s clips, all 12 blocks, {torch.get_num_threads()} threads; "
-        f"{cpu_name()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
-    )
-    print(
-        f"{'backend':<10} {'batch':>5} {'s/run':>8} {'clips/s':>8} {'x realtime':>10} {'vs torch':>8} {'max |err|':>9} "
-        f"{'min cos':>8} {'others':>7}"
-    )
-    for backend, batch, t, ratio, err, cos, others in rows:
-        print(
-            f"{backend:<10} {batch:5d} {t:8.3f} {args.clips / t:8.2f} {args.clips * CLIP_S / t:10.1f} {ratio:7.2f}x "
-            f"{err:9.1e} {cos:8.5f} {others:7.0%}"
-        )
-    print("one-time: " + "; ".join(f"{b} export {e:.1f} s, cached load {c:.1f} s" for b, (e, c) in setup.items() if b != "torch"))
+    print("| backend | first load, s (min / median / max) | cached load, s | graph size |")
+    print("|---|---|---|---|")
+    for backend, (first, again, size) in times.items():
+        print(f"| {backend} | {spread(first)} | {spread(again)} | {size / 2**20:.0f} MiB |")
 
 
 if __name__ == "__main__":

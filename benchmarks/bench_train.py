@@ -12,13 +12,19 @@ a generated corpus (``atst_features.train.synthetic``), without network access.
 1. probe of a random-init ATST-Frame encoder: 5-fold ridge classifier on the mean + std over
    time of the last block's frame features (``train.evaluate.probe_accuracy``), all 400 clips;
 2. ATST-Frame pretraining on the 320 training clips (``--pretrain-steps``), the same probe;
-3. ``finetune`` (ATST-Clip from scratch) with the default recipe for ``--finetune-steps`` steps:
-   held-out accuracy (chance 1/8);
-4. ``c2f`` from the pretrained ATST-Frame with that teacher, default recipe: held-out accuracy.
+3. ``finetune`` (ATST-Clip from scratch) with the default recipe for ``--finetune-steps`` steps of
+   ``--finetune-batch-size`` clips: train loss first -> last and held-out accuracy (chance 1/8);
+4. ``c2f`` from the pretrained ATST-Frame with that teacher, default recipe: the same.
+
+``--baseline`` also runs 3. and 4. with the settings used before the official fine-tuning recipes
+(``BASELINE``: lr 5e-4 per 256 samples, warm-up 1300/39010 of the steps, cross-entropy for
+single-label data, mixup 0.5 / Beta(10, 10), 10 s crops, C2F lambda 0.5), the same teacher and budget.
+Every run reports its samples/s.
 
     python benchmarks/bench_train.py --part throughput --steps 60 --batch-size 64   # one GPU
     torchrun --nproc_per_node 8 benchmarks/bench_train.py --part throughput --steps 60
     python benchmarks/bench_train.py                                                 # CPU: the learning part
+    python benchmarks/bench_train.py --baseline                                      # ... and the former defaults
     python benchmarks/bench_train.py --tiny --steps 6                                 # CPU smoke check
 
 Writes to ``--out``: the corpora, each run's directory (``train_log.csv``, ``export/``) and
@@ -57,6 +63,10 @@ LEARNING_PRETRAIN = [
     "--crop-seconds", "2", "--batch-size", "32", "--lr", "1e-2", "--ema", "0.99",
     "--head-hidden", "512", "--head-out", "128", "--mixup-memory", "256",
 ]  # fmt: skip
+#: The fine-tuning settings before the official recipes (taken from a distillation command line),
+#: for ``--baseline``; with 300 steps the warm-up is round(300 * 1300 / 39010) = 10 steps.
+BASELINE_LR, BASELINE_WARMUP = 5e-4, 1300 / 39010
+BASELINE = ["--lr", str(BASELINE_LR), "--loss", "ce", "--mixup-prob", "0.5", "--mixup-alpha", "10", "--crop-seconds", "10"]
 
 
 def read_rows(path: Path) -> list[dict[str, float]]:
@@ -167,14 +177,23 @@ def learning(args) -> dict:
     result["frame_pretraining"] = frame
     result["probe_pretrained"] = probe_accuracy(frame_statistics(af.load(out / "frame" / "export"), files), labels)
 
-    steps = ["--max-steps", str(args.finetune_steps)]
-    ft = _train("finetune", out / "finetune", "--data", str(corpus.train_csv), *LEARNING_ENCODER, *steps, *runtime)
-    ft["test_accuracy"] = accuracy(af.load(out / "finetune" / "export"), test_files, test_labels)
-    result["finetune"] = ft
+    steps = ["--max-steps", str(args.finetune_steps), "--batch-size", str(args.finetune_batch_size)]
+    variants = {"": []}
+    if args.baseline:
+        variants["_baseline"] = [*BASELINE, "--warmup-steps", str(round(args.finetune_steps * BASELINE_WARMUP))]
+    for suffix, settings in variants.items():
+        name = f"finetune{suffix}"
+        ft = _train("finetune", out / name, "--data", str(corpus.train_csv), *LEARNING_ENCODER, *steps, *settings, *runtime)
+        ft["test_accuracy"] = accuracy(af.load(out / name / "export"), test_files, test_labels)
+        result[name] = ft
+    # C2F: the pretrained ATST-Frame student, the teacher fine-tuned with the default recipe.
     init, teacher = out / "frame" / "export", out / "finetune" / "export"
-    c2f = _train("c2f", out / "c2f", "--data", str(corpus.train_csv), "--init", str(init), "--teacher", str(teacher), *steps, *runtime)
-    c2f["test_accuracy"] = accuracy(af.load(out / "c2f" / "export"), test_files, test_labels)
-    result["c2f"] = c2f
+    c2f_args = ["--data", str(corpus.train_csv), "--init", str(init), "--teacher", str(teacher), *steps, *runtime]
+    for suffix, settings in variants.items():
+        name = f"c2f{suffix}"
+        c2f = _train("c2f", out / name, *c2f_args, *settings, *(["--distill-weight", "0.5"] if settings else []))
+        c2f["test_accuracy"] = accuracy(af.load(out / name / "export"), test_files, test_labels)
+        result[name] = c2f
     result["chance"] = 1 / corpus.n_classes
     return result
 
@@ -212,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--pretrain-steps", type=int, default=300, help="learning: ATST-Frame pretraining steps")
     p.add_argument("--finetune-steps", type=int, default=300, help="learning: finetune and c2f steps")
+    p.add_argument("--finetune-batch-size", type=int, default=64, help="learning: finetune and c2f clips per step")
+    p.add_argument("--baseline", action="store_true", help="learning: also finetune and c2f with the former defaults")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--num-workers", type=int, default=4)

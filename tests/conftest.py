@@ -47,3 +47,12 @@ def frame_model(tiny_dirs) -> af.ATSTModel:
 @pytest.fixture(scope="session")
 def clip_model(tiny_dirs) -> af.ATSTModel:
     return af.load(tiny_dirs["clip"])
+
+
+@pytest.fixture(scope="module")
+def scan_cache(tmp_path_factory):
+    """The cache (and so training's data-scan cache) of a module's runs in a temporary directory, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        cache = tmp_path_factory.mktemp("cache")
+        mp.setenv("ATST_FEATURES_CACHE", str(cache))
+        yield cache

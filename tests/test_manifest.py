@@ -46,7 +46,7 @@ AUTHORS_REPOS = ("https://github.com/Audio-WestlakeU/audiossl", "https://github.
 PRETRAINEDSED = "https://github.com/fschmid56/PretrainedSED"
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SSL = ("atst-clip-small", "atst-clip-base", "atst-frame-small", "atst-frame-base")
-CLAMPED = ("atst-sed-stage2-encoder", "atst-frame-base-pretrainedsed-strong", "atst-frame-base-pretrainedsed-weak")
+CLAMPED = ("atst-sed-stage2-encoder", "atst-frame-base-strong", "atst-frame-base-weak")
 
 
 def by_name(name: str) -> dict:
@@ -163,7 +163,7 @@ def test_pins_are_those_recorded_in_the_facts():
             1_459_523_813,
             "9f812544983add849f45ef03c4ce10184729adee082c0bdd347764f4835bb3da",
         ),
-        ("atst-frame-base-pretrainedsed-strong", "ATST-F_strong_1.pt"): (
+        ("atst-frame-base-strong", "ATST-F_strong_1.pt"): (
             344_480_550,
             "fbf2577958e3648d55ee8cea7e0e5260c4505fb0c13964e1ec81bc367cee5eda",
         ),
@@ -176,7 +176,7 @@ def test_pins_are_those_recorded_in_the_facts():
 def test_the_packaged_manifest_parses_with_its_checks():
     specs = weights.registry.manifest()
     assert [s.pinned for s in specs["atst-sed-stage2-encoder"].sources] == [True, False]  # pinned sources first
-    assert specs["atst-frame-base-pretrainedsed-strong"].source.format == "pretrainedsed"
+    assert specs["atst-frame-base-strong"].source.format == "pretrainedsed"
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=NAMES)

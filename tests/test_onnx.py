@@ -27,7 +27,10 @@ pytest.importorskip("onnxscript")
 
 SR = frontend.SAMPLE_RATE
 EMB_TOL = 1e-4
-INT8_COSINE = 0.999  # per frame, int8 graph against the float32 encoder (tiny reference weights)
+# The int8 bound, against the float32 encoder on the reference clips (measured: per-frame min 0.99973,
+# clip-vector min 0.99992 for both families; ATST-Frame base geometry: benchmarks/bench_cpu.py).
+INT8_COSINE = 0.999  # per frame and block
+INT8_CLIP_COSINE = 0.9995  # per clip vector
 
 
 def close(actual, expected, tol: float = EMB_TOL) -> None:
@@ -85,9 +88,9 @@ def test_backends_are_checked(tmp_path):
         attach_backend(model, "tensorrt")
     model.to(dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="float32"):
-        attach_backend(model, "onnx", tmp_path)
+        attach_backend(model, "onnxruntime", tmp_path)
     model.to(dtype=torch.float32)
-    model.use_forward(lambda *a: None, "onnx")  # as attach_backend leaves it
+    model.use_forward(lambda *a: None, "onnxruntime")  # as attach_backend leaves it
     with pytest.raises(ValueError, match="compile"):
         model.compile()
     model.to(dtype=torch.bfloat16)
@@ -105,7 +108,7 @@ def onnx_models(tiny_dirs, tmp_path_factory):
     cache = tmp_path_factory.mktemp("graphs")
     out = {}
     for family in ("frame", "clip"):
-        for backend in ("onnx", "onnx-int8"):
+        for backend in ("onnxruntime", "onnxruntime-int8"):
             out[family, backend] = attach_backend(af.load(tiny_dirs[family]), backend, cache)
     return out, cache
 
@@ -113,7 +116,7 @@ def onnx_models(tiny_dirs, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["frame", "clip"])
 def test_onnx_gives_the_official_embeddings_alone_and_in_a_padded_batch(onnx_models, reference, family):
-    model = onnx_models[0][family, "onnx"]
+    model = onnx_models[0][family, "onnxruntime"]
     wavs = [reference[f"{n}.wav"] for n in CLIPS]
     clips = model.embed_clip(wavs, SR, batch_size=3)  # padded passes (widths differ)
     for name, wav, vec in zip(CLIPS, wavs, clips):
@@ -126,11 +129,14 @@ def test_onnx_gives_the_official_embeddings_alone_and_in_a_padded_batch(onnx_mod
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["frame", "clip"])
 def test_int8_stays_close_to_float32(onnx_models, tiny_dirs, reference, family):
-    model, exact = onnx_models[0][family, "onnx-int8"], af.load(tiny_dirs[family])
+    model, exact = onnx_models[0][family, "onnxruntime-int8"], af.load(tiny_dirs[family])
     wavs = [reference[f"{n}.wav"] for n in CLIPS]
     for got, want in zip(model.embed_frames(wavs, SR), exact.embed_frames(wavs, SR)):
         cos = F.cosine_similarity(got.embeddings.reshape(-1, 48), want.embeddings.reshape(-1, 48), dim=-1)
         assert cos.min() >= INT8_COSINE, cos.min()
+    got, want = torch.stack(model.embed_clip(wavs, SR)), torch.stack(exact.embed_clip(wavs, SR))
+    cos = F.cosine_similarity(got.double(), want.double(), dim=-1)
+    assert cos.min() >= INT8_CLIP_COSINE, cos.min()
 
 
 @pytest.mark.slow
@@ -144,26 +150,51 @@ def test_graphs_are_reused_checked_and_redone(onnx_models, tiny_dirs, monkeypatc
     exported = []
     real = onnx_export.export_onnx
     monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: exported.append(k) or real(*a, **k))
-    attach_backend(af.load(tiny_dirs["frame"]), "onnx", cache)
+    attach_backend(af.load(tiny_dirs["frame"]), "onnxruntime", cache)
     assert exported == []  # a cache hit
     records = {g: json.loads(g.with_suffix(".json").read_text()) for g in graphs}
     (target,) = [g for g, r in records.items() if r["config"]["family"] == "frame" and not r["int8"]]
     target.write_bytes(target.read_bytes()[:-10])  # a damaged graph is exported anew
-    model = attach_backend(af.load(tiny_dirs["frame"]), "onnx", cache)
+    model = attach_backend(af.load(tiny_dirs["frame"]), "onnxruntime", cache)
     assert len(exported) == 1
     assert json.loads(target.with_suffix(".json").read_text())["sha256"] == onnx_export.sha256_file(target)
-    attach_backend(model, "onnx", cache, blocks=[11])  # other blocks: another graph
+    attach_backend(model, "onnxruntime", cache, blocks=[11])  # other blocks: another graph
     assert len(exported) == 2 and len(list(cache.glob("*.onnx"))) == 5
 
 
 @pytest.mark.slow
-def test_the_default_cache_is_beside_the_converted_weights(tmp_path):
+def test_load_with_a_backend_caches_the_graph_beside_the_converted_weights(tmp_path, monkeypatch):
     src = af.convert_checkpoint(DATA / "tiny48_frame_weights.safetensors", tmp_path / "m", num_heads=TINY_HEADS)
-    model = attach_backend(af.load(src), "onnx")
-    assert model.backend == "onnx"
+    model = af.load(src, backend="onnxruntime", dtype="auto")  # auto: float32 for ONNX Runtime
+    assert model.backend == "onnxruntime" and model.dtype == torch.float32 and "ONNX" in model.choices["dtype"]
     (record,) = (src / onnx_export.GRAPH_DIR).glob("*.json")
+    assert str(record.with_suffix(".onnx")) in model.choices["backend"]
     assert json.loads(record.read_text())["weights_sha256"] == model.weights_sha256
     assert af.weights.verify_directory(src)  # the extra folder leaves the model directory valid
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    assert af.load(src, backend="onnxruntime").backend == "onnxruntime"  # the cached graph
+
+
+@pytest.mark.slow
+def test_the_embed_command_on_onnxruntime_writes_what_torch_writes(reference, tmp_path, capsys):
+    import soundfile as sf
+
+    model_dir = af.convert_checkpoint(DATA / "tiny48_clip_weights.safetensors", tmp_path / "m", num_heads=TINY_HEADS)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in CLIPS:
+        sf.write(src / f"{name}.wav", reference[f"{name}.wav"].numpy(), SR, subtype="FLOAT")
+    runs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        argv = ["embed", str(src), "--out", str(out), "--model", str(model_dir), "--device", "cpu", "--backend", backend,
+                "--frames-dtype", "float32", "--layers", "all", "--batch-size", "2", "--no-progress"]
+        assert cli.main(argv) == 0
+        runs[backend] = {n: dict(np.load(out / f"{n}.wav.npz")) for n in CLIPS}
+    assert "backend: onnxruntime" in capsys.readouterr().err  # the command says what it runs on
+    for name in CLIPS:
+        for key in ("clip", "frames", "timestamps"):
+            close(runs["onnxruntime"][name][key], runs["torch"][name][key])
 
 
 @pytest.mark.slow
@@ -175,21 +206,21 @@ def test_a_folder_run_on_onnx_equals_torch(onnx_models, tiny_dirs, reference, tm
     for name in CLIPS:
         sf.write(src / f"{name}.wav", reference[f"{name}.wav"].numpy(), SR, subtype="FLOAT")
     runs = {}
-    for backend, model in (("torch", af.load(tiny_dirs["frame"])), ("onnx", onnx_models[0]["frame", "onnx"])):
+    for backend, model in (("torch", af.load(tiny_dirs["frame"])), ("onnxruntime", onnx_models[0]["frame", "onnxruntime"])):
         out = tmp_path / backend
         assert embed_folder(src, out, model=model, frames_dtype="float32", workers=0, batch_size=2).failed == 0
         runs[backend] = {n: dict(np.load(out / f"{n}.wav.npz")) for n in CLIPS}
     for name in CLIPS:
-        close(runs["onnx"][name]["clip"], runs["torch"][name]["clip"])
-        close(runs["onnx"][name]["frames"], runs["torch"][name]["frames"])
+        close(runs["onnxruntime"][name]["clip"], runs["torch"][name]["clip"])
+        close(runs["onnxruntime"][name]["frames"], runs["torch"][name]["frames"])
 
 
 @pytest.mark.slow
 def test_the_export_command(tiny_dirs, reference, tmp_path, capsys):
     out = tmp_path / "frame-last.onnx"
-    assert cli.main(["export", str(out), "--model", str(tiny_dirs["frame"]), "--layers", "last", "--int8"]) == 0
+    assert cli.main(["export", "onnx", str(tiny_dirs["frame"]), str(out), "--layers", "last", "--int8"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     meta = graph_metadata(out)
     assert meta["blocks"] == [11] and meta["int8"] is True
     assert meta["weights_sha256"] == af.load(tiny_dirs["frame"]).weights_sha256
-    assert cli.main(["export", str(tmp_path / "x.onnx"), "--model", str(tmp_path / "missing")]) == 1
+    assert cli.main(["export", "onnx", str(tmp_path / "missing"), str(tmp_path / "x.onnx")]) == 1

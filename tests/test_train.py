@@ -29,10 +29,10 @@ from atst_features.train import augment, checkpoint, data, scan
 from atst_features.train.__main__ import config_from_args, main
 from atst_features.train.config import FAMILY_FIELDS, SUPERVISED_RECIPES, TrainConfig, finalize, merge_for_resume, resolve
 from atst_features.train.schedules import Schedule, warmup_cosine
-from atst_features.train.tasks import FramePretraining, pooled_features
+from atst_features.train.tasks import COLLAPSE_STD, FramePretraining, collapse_std, pooled_features
 from atst_features.train.trainer import Trainer
 
-pytestmark = pytest.mark.train
+pytestmark = [pytest.mark.train, pytest.mark.usefixtures("scan_cache")]
 
 DIMS = ["--embed-dim", "32", "--depth", "2", "--num-heads", "2"]
 RUNTIME = ["--batch-size", "4", "--crop-seconds", "1.0", "--num-workers", "0", "--device", "cpu", "--precision", "fp32"]
@@ -69,15 +69,6 @@ def assert_same(a, b, path: str = "") -> None:
 
 
 # ---------------------------------------------------------------------------- data fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def scan_cache(tmp_path_factory):
-    """The data-scan cache of this module's runs lives in a temporary directory, not in ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        cache = tmp_path_factory.mktemp("cache")
-        mp.setenv("ATST_FEATURES_CACHE", str(cache))
-        yield cache
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +198,16 @@ def test_mixup_memory():
     assert again.writes == target and torch.equal(again.bank, mix.bank) and torch.equal(again.lengths, mix.lengths)
     with pytest.raises(ValueError, match="holds 4"):
         augment.MixupMemory(size=8, ratio=0.4).load_state_dict(state)
+
+
+def test_collapse_quantity():
+    """``collapse_std``: about 1 for features spread in all directions, 0 when all rows point one way,
+    whatever their scale; the run warns below ``COLLAPSE_STD``."""
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
+    assert collapse_std(x).item() == pytest.approx(1.0, abs=0.05)
+    assert collapse_std(1e3 * x).item() == pytest.approx(collapse_std(x).item(), rel=1e-5)
+    one_way = torch.randn(64).repeat(512, 1) * torch.rand(512, 1)  # same direction, any length
+    assert collapse_std(one_way).item() < 1e-3 < COLLAPSE_STD == 0.1
 
 
 def test_crops_do_not_depend_on_workers(audio_dir):
@@ -475,6 +476,8 @@ def test_bad_settings_are_reported(audio_dir, tmp_path, capsys):
     data_args = ["--data", str(audio_dir)]
     cases = [
         (["--crop-seconds", "12"], "at most 250"),
+        (["--crop-seconds", "0.1"], "at least 6 are needed"),  # more patches than one mask span
+        (["--lr", "inf"], "--lr must be a finite number"),
         (["--lr", "nan"], "--lr must be a finite number"),
         (["--lr", "-1"], "--lr must be > 0"),
         (["--ema", "1.5"], "--ema must be in (0, 1)"),
@@ -534,6 +537,8 @@ def test_recipes_become_steps_and_losses(labels_csv, tmp_path):
     assert finalize(resolved(mixup_prob=0.0), "clip", 7, False).loss == "ce"
     assert finalize(resolved(mixup_prob=0.0), "clip", 7, True).loss == "bce"
     assert finalize(resolved(loss="ce"), "clip", 7, False).loss == "ce"
+    # single-label C2F: cross-entropy with or without mixup (the reference's code for other tasks)
+    assert finalize(resolved("c2f"), "frame", 2, False).loss == "ce" and finalize(resolved("c2f"), "frame", 2, True).loss == "bce"
     with pytest.raises(ValueError, match="single-label"):
         finalize(resolved(loss="ce"), "clip", 7, True)
     with pytest.raises(ValueError, match="not both"):

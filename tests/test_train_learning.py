@@ -30,7 +30,7 @@ from atst_features.train.__main__ import main
 from atst_features.train.evaluate import accuracy, frame_statistics, probe_accuracy, read_labelled
 from atst_features.train.synthetic import labelled_clip, make_corpus
 
-pytestmark = pytest.mark.train
+pytestmark = [pytest.mark.train, pytest.mark.usefixtures("scan_cache")]
 
 N_CLASSES = 4
 HELD_OUT = 20  # per class
@@ -47,13 +47,6 @@ def binomial_tail(n: int, p: float, k: int) -> float:
 def needed_correct(n: int, p: float, alpha: float = ALPHA) -> int:
     """The fewest right answers out of n that chance (probability p each) reaches with probability < alpha."""
     return next(k for k in range(n + 1) if binomial_tail(n, p, k) < alpha)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def scan_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATST_FEATURES_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
 
 
 @pytest.fixture(scope="module")

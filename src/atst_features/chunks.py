@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -90,12 +90,17 @@ def encode_chunks(
 @dataclass(frozen=True)
 class Request:
     """The outputs wanted of every item: blocks of the clip vector and of the frames (``None`` = not
-    wanted), the dtype frames are handed out in, and overlapping windows (``hop_tokens``) for frames."""
+    wanted), the dtype frames are handed out in, and overlapping windows (``hop_tokens``) for frames.
+
+    ``frame_head``: a frame-level ``ClassificationHead`` on the model's device; the frames handed
+    out are then its scores (T', classes) of the frame layers' rows, computed where the encoder runs.
+    """
 
     clip_layers: tuple[int, ...] | None
     frame_layers: tuple[int, ...] | None
     frames_dtype: torch.dtype = torch.float32
     hop_tokens: int | None = None
+    frame_head: Any = field(default=None, compare=False)
 
     def plan(self, cfg) -> Plan:
         """How items are cut into chunks for this request with an encoder of config ``cfg``."""
@@ -233,6 +238,10 @@ class Engine:
             "clip": (clip_layers, [], list(range(len(clip_layers)))),
         }
         self.frames_dim = len(frame_layers) * self.cfg.embed_dim if self.want_frames else None
+        if request.frame_head is not None and self.want_frames:
+            if request.frame_head.in_dim != self.frames_dim:
+                raise ValueError(f"the frame head takes {request.frame_head.in_dim} inputs, the frames have {self.frames_dim}")
+            self.frames_dim = request.frame_head.num_classes
         self.pools: dict[str, list[tuple[Job, pooling.Chunk, torch.Tensor]]] = {"frame": [], "clip": []}
         self.jobs: dict[int, Job] = {}
         self.inflight: _InFlight | None = None
@@ -368,6 +377,8 @@ class Engine:
         frames = sums = cls = None
         if frame_sel:
             frames = _select(out.tokens, frame_sel).permute(0, 2, 1, 3).flatten(2)  # (b, P, Lf * D)
+            if self.request.frame_head is not None:
+                frames = self.request.frame_head.probabilities(frames.float())  # (b, P, classes)
             frames = frames.to(self.request.frames_dtype)
         if clip_sel:
             sums = pooling.masked_token_sum(_select(out.tokens, clip_sel), n_tokens)  # (b, Lc, D) float32

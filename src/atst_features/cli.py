@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"atst-features {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_embed_parser(sub)
+    add_detect_parser(sub)
     add_weights_parsers(sub)
     add_export_parser(sub)
     train = sub.add_parser("train", help="pretrain or fine-tune ATST models (needs the [train] extra)", add_help=False)
@@ -93,7 +94,14 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--out", required=True, metavar="OUT", help="output folder")
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|DIR|FILE", help=f"model to load (default {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ... (default auto)")
-    p.add_argument("--dtype", choices=list(COMPUTE_DTYPES), help="encoder precision (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--dtype", choices=[*COMPUTE_DTYPES, "auto"],
+        help="encoder precision (default bfloat16 on CUDA, float32 on CPU; auto: bfloat16 on a CPU that computes it natively)",
+    )
+    p.add_argument(
+        "--backend", choices=["torch", "onnxruntime", "onnxruntime-int8"], default="torch",
+        help="encoder passes on torch (default) or ONNX Runtime on the CPU, float32 or int8 (needs the [onnx] extra)",
+    )
     p.add_argument("--what", default="clip,frames", help="clip, frames or clip,frames (default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (pays off on long GPU runs)")
     p.add_argument("--layers", type=_layers_arg, help="blocks for both clip and frames (all, last, or indices like 0,5,11)")
@@ -101,7 +109,7 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--frame-layers", type=_layers_arg, default="last", help="blocks of the frame embeddings (default last)")
     p.add_argument("--frames-dtype", choices=list(STORAGE_DTYPES), default="float16", help="storage of frames (default float16)")
     p.add_argument("--batch-size", type=int, help="chunks of up to 10 s per encoder pass (default 64 on CUDA, 16 on CPU)")
-    p.add_argument("--workers", type=int, help="decoding processes (default min(8, CPUs - 1); 0 = none)")
+    p.add_argument("--workers", type=int, help="decoding processes (default min(8, CPUs - 1), 0 with <= 2 CPUs; 0 = none)")
     p.add_argument("--shard", metavar="i/N", help="embed only shard i of N (0-based), e.g. one per node")
     p.add_argument("--force", action="store_true", help="recompute outputs that are up to date")
     p.add_argument("--stream-seconds", type=float, default=600.0, help="decode files longer than this in blocks (default 600)")
@@ -130,12 +138,19 @@ def _embed(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     try:
+        model = args.model
+        if args.backend != "torch" or dtype == "auto":  # loaded here: embed_folder takes the model as it is
+            from .weights import load
+
+            model = load(args.model, device=device, dtype=dtype, backend=args.backend)
+            for key, why in model.choices.items():
+                print(f"atst-features embed: {key}: {printable(why)}", file=sys.stderr)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ContainersSkipped)
             summary = embed_folder(
                 args.input,
                 args.out,
-                model=args.model,
+                model=model,
                 device=device,
                 dtype=dtype,
                 what=args.what,
@@ -150,7 +165,7 @@ def _embed(args: argparse.Namespace) -> int:
                 stream_seconds=args.stream_seconds,
                 compile=args.compile,
             )
-    except (FileNotFoundError, ValueError, TypeError, OutputFolderError, LoadError) as e:  # one line, no traceback
+    except (FileNotFoundError, ValueError, TypeError, OutputFolderError, LoadError, ImportError) as e:  # one line
         print(f"atst-features embed: {printable(str(e))}", file=sys.stderr)
         return 2
     for rel, error in summary.failures[:_MAX_FAILURES_SHOWN]:  # names escaped for the terminal
@@ -178,6 +193,94 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 # ---- end of embed subcommand
+
+
+# ---- detect subcommand (atst_features.detect over the embed engine)
+
+
+def add_detect_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``atst-features detect`` (``detect.detect_files``)."""
+    from .sed import DEFAULT_DETECT_MODEL
+
+    p = sub.add_parser(
+        "detect",
+        help="detect sound events in audio files with a frame-level head (AudioSet-strong by default)",
+        description=(
+            "Detect sound events in every audio file under the INPUTs and print them as a table, or write them to "
+            "--out (events.csv: file,onset,offset,label,score, one row per event, sorted by file then onset; "
+            "events.jsonl: the same fields). The frame scores behind the events are kept in a scores folder "
+            "(--scores; by default OUT.scores beside --out): a rerun resumes from it and only re-decodes files "
+            "whose scores are up to date, so new thresholds cost no model pass. A file that fails is reported and "
+            "skipped (exit status 1)."
+        ),
+    )
+    p.add_argument("input", metavar="INPUT", nargs="+", help="audio files, folders (recursive), lists of paths (@FILE)")
+    p.add_argument("--model", default=DEFAULT_DETECT_MODEL, metavar="NAME|DIR|FILE",
+                   help=f"a model with a frame-level head (default {DEFAULT_DETECT_MODEL})")
+    p.add_argument("--threshold", type=float, default=0.5, help="score a frame needs to be active (default 0.5)")
+    p.add_argument("--median-filter", type=float, default=0.0, metavar="S",
+                   help="median filter of each class's decisions, in seconds (default 0: none)")
+    p.add_argument("--hop-s", type=float, metavar="S",
+                   help="overlapping 10 s windows every S seconds, so events do not break at 10 s seams (e.g. 5)")
+    p.add_argument("--out", metavar="FILE", help="events.csv or events.jsonl (written whole, at the end)")
+    p.add_argument("--scores", metavar="DIR", help="folder of the frame scores (.npz with scores, timestamps, labels)")
+    p.add_argument("--plot", metavar="DIR", help="one PNG per file: spectrogram and events (needs matplotlib)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ... (default auto)")
+    p.add_argument("--batch-size", type=int, help="chunks of up to 10 s per encoder pass")
+    p.add_argument("--workers", type=int, help="decoding processes (0 = none)")
+    p.add_argument("--force", action="store_true", help="recompute scores that are up to date")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_detect)
+    return p
+
+
+def _detect(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from .batch import OutputFolderError, printable
+    from .detect import detect_files, events_table, plot_detections, write_events
+    from .embed import resolve_device
+    from .errors import LoadError
+
+    if args.out is not None and Path(args.out).is_dir():
+        print(f"atst-features detect: --out {printable(args.out)} is a folder; give a file (events.csv or events.jsonl)", file=sys.stderr)
+        return 2
+    scores = args.scores or (f"{args.out}.scores" if args.out else None)
+    with tempfile.TemporaryDirectory(prefix="atst-detect-") as tmp:
+        try:
+            run = detect_files(
+                args.input, scores or Path(tmp) / "scores", model=args.model, device=resolve_device(args.device),
+                threshold=args.threshold, median_filter=args.median_filter, hop_s=args.hop_s,
+                batch_size=args.batch_size, workers=args.workers, force=args.force, progress=not args.no_progress,
+            )
+        except (FileNotFoundError, ValueError, TypeError, OutputFolderError, LoadError) as e:
+            print(f"atst-features detect: {printable(str(e))}", file=sys.stderr)
+            return 2
+    summary = run.summary
+    for rel, error in summary.failures[:_MAX_FAILURES_SHOWN]:
+        print(f"failed: {printable(rel)}: {printable(error)}", file=sys.stderr)
+    if summary.aborted is not None:
+        print(f"atst-features detect: stopped early ({printable(summary.aborted)}); no events written, rerun to resume", file=sys.stderr)
+        return 1
+    print(printable(str(summary)), file=sys.stderr)
+    rows = run.rows()
+    if args.out:
+        write_events(args.out, rows)
+        print(f"{len(rows)} events in {len(run.events)} files -> {printable(args.out)} (scores in {printable(scores)})", file=sys.stderr)
+    else:
+        print(events_table([{**r, "file": printable(r["file"])} for r in rows]))
+    if args.plot:
+        try:
+            for rel, events in run.events.items():
+                plot_detections(run.inputs[rel], events, Path(args.plot) / f"{rel}.png", title=rel)
+        except (ImportError, OSError, ValueError) as e:
+            print(f"atst-features detect: plots: {printable(str(e))}", file=sys.stderr)
+            return 2
+    return summary.exit_status
+
+
+# ---- end of detect subcommand
 
 
 # ---- weights subcommands (convert, download, list, publish)
@@ -338,19 +441,22 @@ def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     from .embed import DEFAULT_MODEL
     from .onnx_export import DEFAULT_OPSET
 
-    p = sub.add_parser(
-        "export",
-        help="export the encoder as an ONNX graph for ONNX Runtime (needs the [onnx] extra)",
+    export = sub.add_parser("export", help="export the encoder for other runtimes: export onnx MODEL OUT.onnx")
+    formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    p = formats.add_parser(
+        "onnx",
+        help="one ONNX graph of the encoder for ONNX Runtime (needs the [onnx] extra)",
         description=(
             "Write the encoder of MODEL as one ONNX graph: inputs mel (B, 64, T <= 1001) float32 and n_tokens (B,) "
             "int64, output features (B, L, N, D), the normed output of each exported block ([CLS] first for "
-            "ATST-Clip). The config and blocks are in the graph's metadata; onnx_export.OnnxForward runs it."
+            "ATST-Clip). The config, blocks, weights' sha256 and package version are in the graph's metadata; "
+            "onnx_export.OnnxForward runs it, af.load(MODEL, backend='onnxruntime') caches and uses one."
         ),
     )
+    p.add_argument("model", metavar="MODEL", help=f"a model name, converted directory or checkpoint file (e.g. {DEFAULT_MODEL})")
     p.add_argument("out", metavar="OUT", help="the .onnx file to write")
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|DIR|FILE", help=f"model to load (default {DEFAULT_MODEL})")
     p.add_argument("--layers", type=_layers_arg, default="all", help="blocks the graph outputs (default all)")
-    p.add_argument("--int8", action="store_true", help="quantize the weight matrix multiplications to int8")
+    p.add_argument("--int8", action="store_true", help="quantize the weight matrix multiplications to int8 (dynamic)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.set_defaults(func=_export)
     return p

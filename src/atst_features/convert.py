@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from . import labelsets
 from .errors import CheckpointError  # raised here; callers know it as convert.CheckpointError
 from .layouts import LAYOUTS, Converted, HeadWeights, Layout  # convert.LAYOUTS and convert.Converted are public here too
 from .model import ATSTConfig, ATSTEncoder
@@ -538,6 +539,7 @@ def convert(
     head_level: str | None = None,
     *,
     depth: int | None = None,
+    use_head: str | None = None,
 ) -> Converted:
     """An official checkpoint (as ``torch.load`` returns it) -> ``Converted``.
 
@@ -550,6 +552,8 @@ def convert(
         head_level: "clip" or "frame" for a classification head; from the layout or the head.
         depth: the blocks the encoder must have; default the official 12 (a training checkpoint
             records its own).
+        use_head: which of the file's heads to keep as ``head`` (PretrainedSED: "strong", the
+            default, or "weak"); the others are in ``extra_heads``.
 
     Raises:
         CheckpointError: naming the key, when a key is missing, mis-shaped, damaged or not part of the
@@ -560,6 +564,8 @@ def convert(
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
         raise CheckpointError(f"depth must be a positive integer or None, got {depth!r}")
     if isinstance(ckpt, Mapping) and ckpt.get("format") == TRAIN_FORMAT:
+        if use_head is not None:
+            raise CheckpointError(f"use_head={use_head!r}: a checkpoint of atst_features.train has one head at most")
         return _convert_training(ckpt, depth)
     unpacked = _unpack(ckpt)
     layout = detect_layout(unpacked.state_dict)
@@ -581,20 +587,60 @@ def convert(
         cfg = replace(cfg, clip_chunk_frames=_clip_chunk_frames(unpacked.train_len_s, cfg.spec_w))
     if layout.db_clamp is not None:
         cfg = replace(cfg, db_clamp=layout.db_clamp)
-    heads: dict[str, tuple[dict[str, Any], str]] = {}
-    for rule in layout.rules:
-        if rule.role in ("head", "weak_head") and parts[rule.role]:
-            level = (head_level or rule.level) if rule.role == "head" else rule.level
-            heads[rule.role] = _checked_head(parts[rule.role], cfg, level, rule.prefix)
-    if head_level is not None and "head" not in heads:
+    heads = _converted_heads(parts, layout, cfg, head_level, use_head)
+    main = next(iter(heads.values()), None) if use_head is None else heads[use_head]
+    if head_level is not None and main is None:
         raise CheckpointError(
             f"head_level={head_level!r} was given, but the {layout.name} file has no classification head"
         )
-    # every shape and tensor is checked: copy
-    head, level = (_copy_head(heads["head"][0]), heads["head"][1]) if "head" in heads else (None, None)
-    extra = {"weak": HeadWeights(_copy_head(heads["weak_head"][0]), heads["weak_head"][1])} if "weak_head" in heads else {}
+    extra = {name: h for name, h in heads.items() if h is not main}
+    head, level, labels = main if main is not None else (None, None, None)
     state_dict = {_rename(k): _owned_float32(v) for k, v in enc.items()}
-    return Converted(cfg, state_dict, head, level, layout.name, skipped, unpacked.unread, extra_heads=extra)
+    return Converted(cfg, state_dict, head, level, layout.name, skipped, unpacked.unread, labels, extra_heads=extra)
+
+
+def match_head(converted: Converted, num_classes: int | None, labels: Sequence[str] | None, what: str) -> Converted:
+    """``converted`` with its head as a manifest entry states it (a new ``Converted``; pure).
+
+    ``num_classes`` is checked against the head's width (a mismatch is another model: refused);
+    ``labels`` (the entry's class names) replace the converted ones.
+
+    Raises:
+        CheckpointError: the entry has a head the file lacks, or one of another width.
+    """
+    if converted.head is None:
+        raise CheckpointError(f"{what} has no classification head, but the manifest entry has one")
+    width = converted.head["linear.weight"].shape[0]
+    if num_classes is not None and width != num_classes:
+        raise CheckpointError(
+            f"{what} has a {width}-class head, but the manifest entry's head has {num_classes} classes: "
+            "it is another model; nothing was cached"
+        )
+    if labels is not None and len(labels) != width:
+        raise CheckpointError(f"{what} has a {width}-class head, but the manifest entry lists {len(labels)} labels")
+    return replace(converted, labels=list(labels) if labels is not None else converted.labels)
+
+
+def _converted_heads(
+    parts: Mapping[str, Mapping[str, Any]], layout: Layout, cfg: ATSTConfig, head_level: str | None, use_head: str | None
+) -> dict[str, HeadWeights]:
+    """The file's classification heads by name, checked and copied, the one to keep first: ``use_head``,
+    else the layout's main head, else the first found. ``head_level`` is the level of the kept head;
+    a head's bundled label set is attached when its width matches."""
+    rules = [r for r in layout.rules if r.role in ("head", "weak_head") and parts[r.role]]
+    names = [r.name or r.role for r in rules]
+    if use_head is not None and use_head not in names:
+        found = f"has the heads {names}" if names else "has no classification head"
+        raise CheckpointError(f"use_head={use_head!r} was asked for, but the {layout.name} file {found}")
+    kept = use_head or next((n for r, n in zip(rules, names) if r.role == "head"), names[0] if names else None)
+    heads: dict[str, HeadWeights] = {}
+    for rule, name in sorted(zip(rules, names), key=lambda rn: rn[1] != kept):
+        level = (head_level or rule.level) if name == kept else rule.level
+        checked, level = _checked_head(parts[rule.role], cfg, level, rule.prefix)
+        n_classes = checked["linear.weight"].shape[0]
+        bundled = rule.labels is not None and labelsets.label_set_size(rule.labels) == n_classes
+        heads[name] = HeadWeights(_copy_head(checked), level, labelsets.label_set(rule.labels) if bundled else None)
+    return heads
 
 
 def _convert_training(ckpt: Mapping[str, Any], depth: int | None) -> Converted:

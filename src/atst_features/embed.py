@@ -21,6 +21,7 @@ from .dtypes import resolve_dtype
 from .heads import ClassificationHead
 from .model import ATSTConfig, ATSTEncoder, Intermediates
 from .pooling import token_seconds
+from .sed import Detection, PerClass, detect_events, detection_settings
 
 DEFAULT_MODEL = "atst-frame-base"
 
@@ -208,8 +209,11 @@ class ATSTModel:
         source: where the weights were resolved to (the converted directory, file or Hub
             snapshot actually read), or ``None`` for a model built in memory.
         weights_sha256: sha256 of the weights file that was read, or ``None`` when unknown.
-        backend: what ``encode`` runs on: "torch" (the encoder), "onnx" or "onnx-int8" (``use_forward``).
+        backend: what ``encode`` runs on: "torch" (the encoder), "onnxruntime" or
+            "onnxruntime-int8" (``use_forward``).
         device, dtype: where and in what precision the encoder runs; the front end is float32.
+        choices: what ``load`` chose for this machine, each with why: "dtype" (for ``dtype="auto"``),
+            "gemm" (the CPU GEMM path, ``cpu.choose_gemm``), "backend" (the ONNX graph used).
     """
 
     def __init__(
@@ -228,6 +232,7 @@ class ATSTModel:
         self.weights_sha256 = weights_sha256
         self._forward = None  # the torch.compile'd encoder pass after compile(), else the eager one
         self.backend = "torch"  # what encode() runs on: "torch", or an ONNX backend (use_forward)
+        self.choices: dict[str, str] = {}  # what load() chose for this machine, and why
 
     def compile(self, **kwargs) -> "ATSTModel":
         """Run the encoder through ``torch.compile(encoder.forward_intermediates, dynamic=True, **kwargs)``; returns self.
@@ -359,11 +364,20 @@ class ATSTModel:
 
         return _regroup(frames, layout, is_list, stack)
 
-    def tag(self, audio: AudioInput | list, sample_rate: float | None = None, *, batch_size: int = 16):
+    def tag(
+        self,
+        audio: AudioInput | list,
+        sample_rate: float | None = None,
+        *,
+        batch_size: int = 16,
+        hop_s: float | None = None,
+    ):
         """Class probabilities from the checkpoint's classification head.
 
         Args: as ``embed_clip``. The head scores the last block: a clip-level head the clip vector
-        (``embed_clip(layers="last")``), a frame-level head every token (``embed_frames(layers="last")``).
+        (``embed_clip(layers="last")``), a frame-level head every token (``embed_frames(layers="last")``,
+        scored where the encoder runs). ``hop_s`` (frame-level heads only): overlapping windows, as
+        in ``embed_frames``.
 
         Returns:
             ``Tags`` per input (a list for a list input): scores (C,) for a clip-level head, or
@@ -372,27 +386,86 @@ class ATSTModel:
         Raises:
             ValueError: the model has no classification head.
         """
-        head = self.head
-        if head is None:
-            raise ValueError(
-                f"model {self.name!r} has no classification head; tagging needs a fine-tuned checkpoint that has one "
-                "(for example 'atst-frame-base-as-strong')"
-            )
-        device = next(head.parameters()).device
-
-        @torch.inference_mode()
-        def scores(x: torch.Tensor) -> torch.Tensor:
-            return head.probabilities(x.to(device=device, dtype=torch.float32)).cpu()
-
+        head = self._head("tag")
         if head.level == "clip":
+            if hop_s is not None:
+                raise ValueError("hop_s is for frame-level heads; this model's head scores whole clips")
+            device = next(head.parameters()).device
+
+            @torch.inference_mode()
+            def scores(x: torch.Tensor) -> torch.Tensor:
+                return head.probabilities(x.to(device=device, dtype=torch.float32)).cpu()
+
             vectors = self.embed_clip(audio, sample_rate, layers="last", batch_size=batch_size)
             if isinstance(vectors, list):
                 return [Tags(scores(v), head.labels) for v in vectors]
             return Tags(scores(vectors), head.labels)
-        frames = self.embed_frames(audio, sample_rate, layers="last", batch_size=batch_size)
-        if isinstance(frames, list):
-            return [Tags(scores(f.embeddings), head.labels, f.timestamps) for f in frames]
-        return Tags(scores(frames.embeddings), head.labels, frames.timestamps)
+        hop_tokens = None if hop_s is None else self._hop_tokens(hop_s)
+        wavs, layout, is_list = _flatten_inputs(audio, sample_rate)
+        request = Request(None, (self.config.depth - 1,), hop_tokens=hop_tokens, frame_head=head)
+        results = run_waveforms(self, wavs, request, check_batch_size(batch_size))
+        tags = [Tags(torch.from_numpy(r.frames), head.labels, torch.from_numpy(r.timestamps)) for r in results]
+
+        def stack(items: list[Tags]) -> Tags:
+            return Tags(torch.stack([t.scores for t in items]), head.labels, items[0].timestamps)
+
+        return _regroup(tags, layout, is_list, stack)
+
+    def detect(
+        self,
+        audio: AudioInput | list,
+        sample_rate: float | None = None,
+        *,
+        threshold: PerClass = 0.5,
+        median_filter: PerClass = 0.0,
+        hop_s: float | None = None,
+        batch_size: int = 16,
+    ):
+        """Sound events from a frame-level head: ``tag`` -> ``sed.detect_events``.
+
+        Args: as ``embed_clip``, plus
+            threshold: a frame is active for a class when its score is >= this; one score in
+                [0, 1], or one per class (a sequence in score order or a dict {label: score}).
+            median_filter: seconds of the median filter over each class's 0/1 decisions
+                (0 = none; rounded to whole 40 ms frames), or one per class.
+            hop_s: ``None`` (default): the 10.01 s chunks of ``embed_frames``, the last one
+                masked (not zero-padded). A number: overlapping 10 s windows every ``hop_s`` seconds,
+                each token scored in the window where it lies farthest from an edge, so events do not
+                break at the seams (``embed_frames(hop_s=...)``; 5 is a good choice for long audio).
+
+        Returns:
+            a list of ``sed.Detection`` (onset s, offset s, label, peak score) sorted by onset, for
+            one input; one such list per input for a list or a 2-D batch.
+
+        Raises:
+            ValueError: no frame-level head, or a threshold / median filter out of range.
+        """
+        head = self._head("detect")
+        if head.level != "frame":
+            raise ValueError(
+                f"model {self.name!r} has a clip-level head: it scores whole clips, not events in time; use tag() "
+                "for clip tags, or a model with a frame-level head (for example 'atst-frame-base-strong')"
+            )
+        classes = head.labels or [str(c) for c in range(head.num_classes)]
+        detection_settings(classes, threshold, median_filter)  # checked before any audio is read
+
+        def events(t: torch.Tensor, scores: torch.Tensor) -> list[Detection]:
+            return detect_events(scores, t, classes, threshold, median_filter)
+
+        tags = self.tag(audio, sample_rate, batch_size=batch_size, hop_s=hop_s)
+        if isinstance(tags, list):
+            return [events(t.timestamps, t.scores) for t in tags]
+        if tags.scores.ndim == 3:
+            return [events(tags.timestamps, s) for s in tags.scores]
+        return events(tags.timestamps, tags.scores)
+
+    def _head(self, what: str) -> ClassificationHead:
+        if self.head is None:
+            raise ValueError(
+                f"model {self.name!r} has no classification head; {what}() needs a fine-tuned checkpoint that has "
+                "one (for example 'atst-frame-base-strong' for sound events, 'atst-frame-base-weak' for AudioSet tags)"
+            )
+        return self.head
 
     # ---------------------------------------------------------------- internals
 

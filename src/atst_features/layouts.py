@@ -23,7 +23,9 @@ class Rule:
 
     ``into`` replaces ``prefix`` in the part (``strong_head.weight`` -> ``linear.weight``);
     ``level`` is the level of a head the layout fixes ("clip": one vector per clip, "frame": one
-    per 40 ms token); ``None`` = read off the head.
+    per 40 ms token); ``None`` = read off the head. ``name``: what a head is called
+    (``convert(use_head=...)`` picks one); ``labels``: the bundled label set (``labelsets``) whose
+    order the head emits, attached when the head's width matches it.
     """
 
     prefix: str
@@ -31,6 +33,8 @@ class Rule:
     what: str
     into: str = ""
     level: str | None = None
+    name: str = ""
+    labels: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,10 @@ LAYOUTS: tuple[Layout, ...] = (
         "model.atst.pos_embed",
         (
             Rule("model.atst.", "encoder", "the fine-tuned ATST-Frame encoder"),
-            Rule("strong_head.", "head", "the frame-level (strong) classifier", into="linear.", level="frame"),
-            Rule("weak_head.", "weak_head", "the clip-level (weak) classifier", into="linear.", level="clip"),
+            Rule("strong_head.", "head", "the frame-level (strong) classifier", into="linear.", level="frame",
+                 name="strong", labels="audioset-strong-447"),
+            Rule("weak_head.", "weak_head", "the clip-level (weak) classifier", into="linear.", level="clip",
+                 name="weak", labels="audioset-527"),
             _skip("model.atst_mel.", "front-end buffers (mel window and filterbank; recomputed, not weights)"),
         ),
         db_clamp=SED_DB_CLAMP,
@@ -143,10 +149,12 @@ LAYOUTS: tuple[Layout, ...] = (
 
 
 class HeadWeights(NamedTuple):
-    """A classification head's weights (our ``LinearHead`` names) and its level ("clip" or "frame")."""
+    """A classification head's weights (our ``LinearHead`` names), its level ("clip" or "frame")
+    and its class names when known."""
 
     state_dict: dict[str, torch.Tensor]
     level: str
+    labels: list[str] | None = None
 
 
 @dataclass
@@ -162,9 +170,9 @@ class Converted:
         skipped: official keys deliberately not converted, grouped by the reason.
         unread_entries: the file's other top-level entries (optimizer state, counters, the
             DINO student, ATST-SED's copies of its CRNN state dicts, ...); they are not read.
-        extra_heads: further heads of the file by name (PretrainedSED's clip-level ``"weak"``
-            head beside its frame-level strong head, which is ``head``); not written by
-            ``write_converted``.
+        extra_heads: the file's other heads by name (PretrainedSED's clip-level ``"weak"`` head
+            beside its frame-level ``"strong"`` head, or the reverse with ``convert(use_head="weak")``);
+            not written by ``write_converted``.
     """
 
     config: ATSTConfig
@@ -189,7 +197,7 @@ class Converted:
         if c.db_clamp is not None:
             lines.append(f"front end: dB clamped to [{c.db_clamp[0]:g}, {c.db_clamp[1]:g}] after the 80 dB floor")
         heads = ([("head", HeadWeights(self.head, self.head_level))] if self.head is not None else [])
-        for name, (sd, level) in heads + [(f"{k} head", v) for k, v in self.extra_heads.items()]:
+        for name, (sd, level, _) in heads + [(f"{k} head", v) for k, v in self.extra_heads.items()]:
             w = sd["linear.weight"]
             norm = ", with BatchNorm statistics" if "norm.running_mean" in sd else ""
             lines.append(f"{name}: {level}-level, {w.shape[1]} -> {w.shape[0]} classes{norm}")

@@ -166,12 +166,44 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` / ONNX export is tracing (older torch has no such query: never)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose CPU inference can go through oneDNN's linear (``onednn = True``).
+
+    ``cpu.choose_gemm`` sets ``onednn`` on an encoder's layers where a measured check finds that
+    path faster than torch's default GEMM (equal to it within float32 rounding). It applies only
+    on the CPU without autograd, outside ``torch.compile`` and export; otherwise, and by default,
+    this is ``nn.Linear``. ``activation="gelu"`` fuses the exact (erf) GELU into the GEMM there.
+    """
+
+    onednn = False
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        return (
+            self.onednn and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not _exporting()
+        )
+
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """(..., in) -> (..., out); ``activation`` None or "gelu" (exact, erf)."""
+        if self._fast(x):  # oneDNN's linear, with the GELU (algorithm "none": erf) fused when asked
+            post, algorithm = ("gelu", "none") if activation else ("none", "")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, post, [], algorithm)
+        y = F.linear(x, self.weight, self.bias)
+        return y if activation is None else F.gelu(y)  # exact (erf) GELU
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         b, n, d = x.shape  # (B, N, D)
@@ -184,11 +216,11 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+        return self.fc2(self.fc1(x, activation="gelu"))  # exact (erf) GELU
 
 
 class Block(nn.Module):
@@ -223,7 +255,7 @@ class ATSTEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.embed_dim
-        self.patch_embed = nn.Linear(cfg.patch_h * cfg.patch_w, d)
+        self.patch_embed = Linear(cfg.patch_h * cfg.patch_w, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.max_tokens + 1, d))
         self.mask_embed = nn.Parameter(torch.zeros(1, 1, d))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.has_cls else None

@@ -10,7 +10,7 @@
 - ``OnnxForward(graph)`` runs a graph in an ONNX Runtime session with the signature and result of
   ``ATSTEncoder.forward_intermediates``: the hook ``ATSTModel.encode`` passes to the one chunk
   engine, so chunking, batching by width and pooling stay the engine's.
-- ``attach_backend(model, "onnx" | "onnx-int8" | "torch")`` exports once, caches the graph (in
+- ``attach_backend(model, "onnxruntime" | "onnxruntime-int8" | "torch")`` exports once, caches the graph (in
   ``onnx/`` beside the converted weights, keyed by the weights' sha256, config, blocks, opset and
   int8, and checked against its recorded sha256 on every use) and installs its forward.
 
@@ -40,7 +40,7 @@ from .model import ATSTConfig, ATSTEncoder, Intermediates
 if TYPE_CHECKING:
     from .embed import ATSTModel
 
-BACKENDS = ("torch", "onnx", "onnx-int8")  # what ATSTModel.encode can run on; "torch" is the encoder itself
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")  # what ATSTModel.encode can run on; "torch" is the encoder itself
 DEFAULT_OPSET = 18
 GRAPH_FORMAT = 1  # bump when the exported graph changes: cached graphs of another format are redone
 GRAPH_DIR = "onnx"  # beside the converted weights: <model dir>/onnx/<key>.onnx + <key>.json
@@ -57,6 +57,12 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(f"the ONNX backend needs {module.split('.')[0]}: {_EXTRA} ({e})") from e
+
+
+def require_runtime() -> None:
+    """Raise ``ImportError`` naming the ``onnx`` extra unless its packages can be imported."""
+    for module in ("onnxruntime", "onnx", "onnxscript"):
+        _require(module)
 
 
 def check_backend(backend: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
@@ -198,16 +204,17 @@ class OnnxForward:
 
     def __init__(self, graph: str | os.PathLike, threads: int | None = None):
         ort = _require("onnxruntime")
-        meta = graph_metadata(graph)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        stored = self.session.get_modelmeta().custom_metadata_map
+        meta = {k[len(_META) :]: json.loads(v) for k, v in stored.items() if k.startswith(_META)}
         if meta.get("format") != GRAPH_FORMAT:
             raise ValueError(f"{str(graph)!r} is not a graph of this version's export_onnx (format {GRAPH_FORMAT})")
         self.config = ATSTConfig.from_dict(meta["config"])
         self.blocks: list[int] = meta["blocks"]
         self.int8: bool = meta["int8"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def __call__(
         self, mel: torch.Tensor, n_tokens: torch.Tensor | None = None, blocks: list[int] | None = None
@@ -305,8 +312,8 @@ def attach_backend(
 
     Args:
         model: a float32 CPU ``ATSTModel`` (for the ONNX backends).
-        backend: "onnx" (the float32 graph in ONNX Runtime), "onnx-int8" (its matrix
-            multiplications in int8) or "torch" (the encoder itself, eager).
+        backend: "onnxruntime" (the float32 graph in ONNX Runtime), "onnxruntime-int8" (its
+            matrix multiplications in int8) or "torch" (the encoder itself, eager).
         cache_dir: the folder of cached graphs (default ``default_graph_dir(model)``: ``onnx/``
             beside the converted weights; with neither, the graph is exported to a temporary
             folder each time).
@@ -316,15 +323,18 @@ def attach_backend(
     """
     check_backend(backend, model.device, model.dtype)
     if backend == "torch":
+        model.choices.pop("backend", None)
         return model.use_forward(None, "torch")
-    int8 = backend == "onnx-int8"
+    int8 = backend == "onnxruntime-int8"
     folder = Path(cache_dir) if cache_dir is not None else default_graph_dir(model)
     if folder is not None:
         try:
-            forward = OnnxForward(cached_graph(model, folder, int8=int8, blocks=blocks, opset=opset), threads)
-            return model.use_forward(forward, backend)
-        except PermissionError:
+            graph = cached_graph(model, folder, int8=int8, blocks=blocks, opset=opset)
+            model.choices["backend"] = f"{backend}: {graph}"
+            return model.use_forward(OnnxForward(graph, threads), backend)
+        except OSError:  # a read-only model directory, say
             warnings.warn(f"cannot write graphs into {str(folder)!r}; exporting to a temporary folder", stacklevel=2)
     with tempfile.TemporaryDirectory(prefix="atst-onnx-") as tmp_dir:
         forward = OnnxForward(cached_graph(model, tmp_dir, int8=int8, blocks=blocks, opset=opset), threads)
+    model.choices["backend"] = f"{backend}: a graph exported for this process (no cache folder)"
     return model.use_forward(forward, backend)

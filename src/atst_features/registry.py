@@ -27,6 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from . import labelsets
 from .errors import ManifestError, UnknownModelError
 
 MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
@@ -107,12 +108,18 @@ class HubSpec:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """The classification head of a fine-tuned checkpoint: "clip" or "frame" level, classes, BatchNorm."""
+    """The classification head of a fine-tuned checkpoint: "clip" or "frame" level, classes, BatchNorm.
+
+    ``labels``: the class names in score order (a list in the manifest, or the name of a bundled
+    label set, ``labelsets``); ``use``: which of the file's heads it is (``convert(use_head=...)``,
+    e.g. PretrainedSED's "weak"), ``None`` for the file's main head.
+    """
 
     level: str | None = None
     num_classes: int | None = None
     norm: bool | None = None
     labels: tuple[str, ...] | None = None
+    use: str | None = None
 
 
 @dataclass(frozen=True)
@@ -195,7 +202,7 @@ class ModelSpec:
             config=_frozen(entry.get("config")),
             frontend=_frozen(entry.get("frontend")),
             outputs=_frozen(entry.get("outputs")),
-            head=_head(head) if head else None,
+            head=_head(head, name) if head else None,
             source=_source(source, name) if source else None,
             mirrors=tuple(_source(m, name) for m in entry.get("mirrors") or ()),
             licence=Licence(**{k: licence.get(k) for k in _LICENCE_FIELDS}) if licence else None,
@@ -251,9 +258,21 @@ def _hub(hub: Mapping[str, Any] | None, name: str) -> HubSpec:
     return spec
 
 
-def _head(head: Mapping[str, Any]) -> HeadSpec:
-    labels = head.get("labels")
-    return HeadSpec(head.get("level"), head.get("num_classes"), head.get("norm"), tuple(labels) if labels else None)
+def _head(head: Mapping[str, Any], name: str) -> HeadSpec:
+    labels, n_classes = head.get("labels"), head.get("num_classes")
+    if isinstance(labels, str):
+        try:
+            labels = labelsets.label_set(labels)
+        except KeyError as e:
+            raise ManifestError(f"{name}: the head's labels: {e.args[0]}") from None
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise ManifestError(f"{name}: the head's labels must be a list of names or a bundled label set's name")
+    if labels and n_classes is not None and len(labels) != n_classes:
+        raise ManifestError(f"{name}: the head has {n_classes} classes but {len(labels)} labels")
+    use = head.get("use")
+    if use is not None and not isinstance(use, str):
+        raise ManifestError(f"{name}: the head's 'use' must be the name of one of the file's heads, got {use!r}")
+    return HeadSpec(head.get("level"), n_classes, head.get("norm"), tuple(labels) if labels else None, use)
 
 
 # ---------------------------------------------------------------------------- reading

@@ -42,6 +42,7 @@ TOKEN_FRAMES = ATSTConfig.patch_w  # mel frames per ATST token, the default of e
 FRAME_S = token_seconds(TOKEN_FRAMES)  # 0.04 s: one ATST token
 TIME_EPS = 1e-9  # seconds; absorbs float rounding when comparing times
 TIME_DECIMALS = 6  # decoded event times are rounded to the microsecond
+DEFAULT_DETECT_MODEL = "atst-frame-base-strong"  # what `atst-features detect` loads by default
 
 Event = tuple[str, float, float]
 ArrayLike = torch.Tensor | np.ndarray | Sequence[float]
@@ -212,26 +213,97 @@ def frame_probs_to_events(
     Returns:
         Events sorted by onset, then class order.
     """
-    p = probs.detach().float().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, dtype=np.float64)
+    p, t, frame_s = _scores_on_grid(probs, timestamps, classes, frame_s)
+    runs = _active_runs(p, t, classes, threshold, median_filter, frame_s)
+    return [(classes[c], onset, offset) for onset, offset, c, _, _ in runs]
+
+
+def _scores_on_grid(scores: ArrayLike, timestamps: ArrayLike, classes: Sequence[str], frame_s: float):
+    """Checked (T, C) scores as numpy, (T,) timestamps and the frame length."""
+    p = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, dtype=np.float64)
     t = _timestamps(timestamps)
-    frame_s = _frame_s(frame_s)
     _class_index(classes)
     if p.ndim != 2 or p.shape != (t.size, len(classes)):
         raise ValueError(
-            f"probs must have shape (frames, classes) = ({t.size}, {len(classes)}) to match timestamps and "
+            f"scores must have shape (frames, classes) = ({t.size}, {len(classes)}) to match timestamps and "
             f"classes, got {tuple(p.shape)}"
         )
+    return p, t, _frame_s(frame_s)
+
+
+def _active_runs(
+    p: np.ndarray, t: np.ndarray, classes: Sequence[str], threshold: PerClass, median_filter: PerClass, frame_s: float
+) -> list[tuple[float, float, int, int, int]]:
+    """(onset s, offset s, class, first frame, end frame) of every run of active frames (threshold,
+    then median filter in frames), sorted by onset, then class."""
     thresholds = [float(x) for x in _per_class(threshold, classes, "threshold")]
     windows = _per_class(median_filter, classes, "median_filter")
-    events: list[tuple[float, int, Event]] = []
-    for c, name in enumerate(classes):
+    runs = []
+    for c in range(len(classes)):
         active = binary_median_filter(p[:, c] >= thresholds[c], windows[c])
         edges = np.diff(np.concatenate([[0], active.astype(np.int8), [0]]))
         for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):  # frames [start, stop)
             onset = round(float(t[start]), TIME_DECIMALS)
             offset = round(float(t[stop - 1] + frame_s), TIME_DECIMALS)
-            events.append((onset, c, (name, onset, offset)))
-    return [e for _, _, e in sorted(events, key=lambda x: (x[0], x[1]))]
+            runs.append((onset, offset, c, int(start), int(stop)))
+    return sorted(runs, key=lambda r: (r[0], r[2]))
+
+
+# ---------------------------------------------------------------------------- detection
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected sound event: [onset, offset) in seconds, its class and its peak frame score."""
+
+    onset: float
+    offset: float
+    label: str
+    score: float
+
+
+def detection_settings(
+    classes: Sequence[str], threshold: PerClass = 0.5, median_filter: PerClass = 0.0, frame_s: float = FRAME_S
+) -> tuple[list[float], list[int]]:
+    """Checked per-class thresholds (in [0, 1]) and median-filter windows, given in **seconds** and
+    returned in frames (``round(seconds / frame_s)``, at least 1; 0 s = no filter)."""
+    thresholds = []
+    for c, x in zip(classes, _per_class(threshold, classes, "threshold")):
+        if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)) or not 0.0 <= x <= 1.0:
+            raise ValueError(f"threshold for {c!r} must be a score in [0, 1], got {x!r}")
+        thresholds.append(float(x))
+    windows = []
+    for c, x in zip(classes, _per_class(median_filter, classes, "median_filter")):
+        if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)) or not 0.0 <= x < 3600:
+            raise ValueError(f"median_filter for {c!r} must be a window in seconds >= 0 (0 = none), got {x!r}")
+        windows.append(max(1, round(float(x) / frame_s)))
+    return thresholds, windows
+
+
+def detect_events(
+    scores: ArrayLike,
+    timestamps: ArrayLike,
+    classes: Sequence[str],
+    threshold: PerClass = 0.5,
+    median_filter: PerClass = 0.0,
+    *,
+    frame_s: float = FRAME_S,
+) -> list[Detection]:
+    """Frame scores -> ``Detection`` s, as ``frame_probs_to_events`` decodes them, with the median
+    filter in seconds and each event's peak score (the highest raw score of its frames).
+
+    Args:
+        scores: (T, C) scores in [0, 1]; timestamps: (T,) frame starts in seconds; classes: C names.
+        threshold: a score, or one per class (sequence or dict).
+        median_filter: window in seconds (0 = none), or one per class.
+
+    Returns:
+        Detections sorted by onset, then class order.
+    """
+    p, t, frame_s = _scores_on_grid(scores, timestamps, classes, frame_s)
+    thresholds, windows = detection_settings(classes, threshold, median_filter, frame_s)
+    runs = _active_runs(p, t, classes, thresholds, windows, frame_s)
+    return [Detection(onset, offset, classes[c], float(p[a:b, c].max())) for onset, offset, c, a, b in runs]
 
 
 # ---------------------------------------------------------------------------- other grids

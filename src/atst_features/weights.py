@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, convert, fetch, registry
+from . import artifacts, convert, fetch, onnx_export, registry
 from .artifacts import (  # re-exported: the names callers and tests know from this module
     CHECKSUMS_NAME,
     CONFIG_NAME,
@@ -85,6 +85,7 @@ from .cache import (  # the cache, its pins and checks
     cache_dir,
     pin_status,
 )
+from .cpu import auto_dtype, choose_gemm
 from .dtypes import resolve_dtype
 from .embed import ATSTModel, resolve_device
 from .errors import (
@@ -203,7 +204,9 @@ def build(
     """
     _check_head_width(cfg, head)
     encoder = _encoder(cfg, state_dict, owned=False)
-    return ATSTModel(encoder, name=name, head=head, source=source, weights_sha256=weights_sha256)
+    model = ATSTModel(encoder, name=name, head=head, source=source, weights_sha256=weights_sha256)
+    model.choices["gemm"] = choose_gemm(encoder)
+    return model
 
 
 def _from_dir(d: artifacts.ModelDir, name: str, source: str | None = None) -> ATSTModel:
@@ -500,7 +503,11 @@ def _convert_into_cache(
         num_heads=spec.config.get("num_heads"),
         head_level=spec.head.level if spec.head is not None else None,
         depth=spec.config.get("depth"),
+        use_head=spec.head.use if spec.head is not None else None,
     )
+    if spec.head is not None:
+        what = f"the file downloaded for {spec.name!r}"
+        converted = convert.match_head(converted, spec.head.num_classes, spec.head.labels, what)
     if src.formats and converted.layout not in src.formats:
         raise CheckpointError(
             f"the file downloaded for {spec.name!r} from {fetch.host_of(src.url)} is a {converted.layout!r} file, but the "
@@ -552,8 +559,9 @@ def is_cached(
 def load(
     source: str | os.PathLike,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     *,
+    backend: str = "torch",
     cache_dir: str | os.PathLike | None = None,
     manifest: ManifestSource = None,
     progress: bool = True,
@@ -569,7 +577,14 @@ def load(
             ``"hf://org/repo@commit"`` (a branch name works, with a warning that it can move).
         device: where the encoder runs (never chosen for you).
         dtype: encoder precision (float32, or bfloat16 / float16 for speed); the front end and
-            LayerNorm statistics stay float32.
+            LayerNorm statistics stay float32. ``"auto"``: on the CPU bfloat16 where it is native
+            (AVX512-BF16 or AMX), else float32; on CUDA bfloat16 (float16 without it). What was
+            chosen, and why, is in ``model.choices["dtype"]``.
+        backend: where encoder passes run: "torch" (default), or ONNX Runtime on the CPU in
+            float32: "onnxruntime" (the exported float32 graph, equal to torch within 1e-4) or
+            "onnxruntime-int8" (its weight matrix multiplications in int8). The graph is exported
+            on first use and cached in ``onnx/`` beside the converted weights (``onnx_export``);
+            these need the ``onnx`` extra (``pip install 'atst-features[onnx]'``).
         cache_dir: where named models are cached (default ``$ATST_FEATURES_CACHE`` or
             ``~/.cache/atst-features``).
         manifest: a manifest file or dict to resolve names with, instead of the packaged one.
@@ -587,9 +602,19 @@ def load(
         LoadError: every problem of the source (see ``errors``); ``OSError`` for the file system.
     """
     try:  # bad values fail before any download
-        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        device = resolve_device(device)
+        why = None
+        if isinstance(dtype, str) and dtype == "auto":
+            if backend == "torch":
+                dtype, why = auto_dtype(device)
+            else:
+                dtype, why = torch.float32, "auto: float32, what the ONNX Runtime backends run"
+        dtype = resolve_dtype(dtype)
+        onnx_export.check_backend(backend, device, dtype)
     except (TypeError, ValueError) as e:
         raise LoadArgumentError(str(e)) from None
+    if backend != "torch":
+        onnx_export.require_runtime()  # the missing extra is named before any download
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
         raise LoadArgumentError(f"depth must be a positive integer or None, got {depth!r}")
     if isinstance(source, str) and source.startswith(HF_SCHEME):
@@ -600,7 +625,13 @@ def load(
             model = _load_named(specs[source], _cache_root(cache_dir), progress, _allow_other(allow_other_file))
         else:
             model = _load_path(source, specs, depth)
-    return model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=dtype)
+    if why is not None:
+        model.choices["dtype"] = why
+    if backend == "torch":
+        model.choices["gemm"] = choose_gemm(model.encoder)
+        return model
+    return onnx_export.attach_backend(model, backend)
 
 
 def _load_named(spec: ModelSpec, root: Path, progress: bool, allow_other: bool) -> ATSTModel:

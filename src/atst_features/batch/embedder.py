@@ -12,14 +12,20 @@ from ..chunks import EmbedResult, Engine, Job, Request, run_waveforms
 from ..dtypes import STORAGE_DTYPES, resolve_dtype
 from ..embed import ATSTModel, Layers, check_batch_size, resolve_layers
 
-WHAT = ("clip", "frames")  # the outputs a run can write, in this order
+WHAT = ("clip", "frames")  # the outputs a run writes by default, in this order
+SCORES = "scores"  # the frame-level head's scores (T', classes) instead of embeddings: `detect`
 
 
 def check_what(what: str | Sequence[str]) -> tuple[str, ...]:
-    """``"clip"``, ``"frames"``, ``"clip,frames"`` or a sequence of them -> the names in ``WHAT`` order."""
+    """``"clip"``, ``"frames"``, ``"clip,frames"``, ``"scores"`` or a sequence of them -> the names in order."""
     items = tuple(w.strip() for w in what.split(",")) if isinstance(what, str) else tuple(what)
+    if items == (SCORES,):
+        return items
     if not items or any(w not in WHAT for w in items):
-        raise ValueError(f"what={what!r} is not understood; use 'clip', 'frames' or both ('clip,frames')")
+        raise ValueError(
+            f"what={what!r} is not understood; use 'clip', 'frames', both ('clip,frames'), or 'scores' alone "
+            "(a frame-level head's scores)"
+        )
     return tuple(w for w in WHAT if w in items)
 
 
@@ -36,6 +42,10 @@ class Embedder:
         frame_layers: blocks of the frame embeddings ("last" by default).
         frames_dtype: storage dtype of frames, "float16" (default) or "float32".
         batch_size: chunks (of up to 10.01 s) per encoder pass.
+        hop_s: overlapping windows for the frames (``ATSTModel.embed_frames(hop_s=...)``), or ``None``.
+
+    With ``what="scores"`` the frames are the model's frame-level head's scores of the last block
+    (``ATSTModel.tag``), stored as ``scores``.
     """
 
     def __init__(
@@ -47,6 +57,7 @@ class Embedder:
         frame_layers: Layers = "last",
         frames_dtype: str | torch.dtype = "float16",
         batch_size: int = 16,
+        hop_s: float | None = None,
     ):
         check_batch_size(batch_size)
         self.model = model
@@ -55,14 +66,25 @@ class Embedder:
         self.frame_layers = resolve_layers(frame_layers, model.config.depth)
         self.frames_dtype = resolve_dtype(frames_dtype, STORAGE_DTYPES, "frames_dtype")
         self.batch_size = batch_size
+        self.hop_tokens = None if hop_s is None else model._hop_tokens(hop_s)
+        self.head = None
+        if SCORES in self.what:
+            if model.head is None or model.head.level != "frame":
+                kind = "no classification head" if model.head is None else "a clip-level head"
+                raise ValueError(f"what='scores' needs a model with a frame-level head; {model.name!r} has {kind}")
+            self.head, self.frame_layers = model.head, [model.config.depth - 1]
+        if self.hop_tokens is not None and "clip" in self.what:
+            raise ValueError("hop_s gives frame embeddings (or scores) only; leave 'clip' out of what")
 
     @property
     def request(self) -> Request:
         """What the engine computes for every input."""
         return Request(
             clip_layers=tuple(self.clip_layers) if "clip" in self.what else None,
-            frame_layers=tuple(self.frame_layers) if "frames" in self.what else None,
+            frame_layers=tuple(self.frame_layers) if "frames" in self.what or self.head is not None else None,
             frames_dtype=self.frames_dtype,
+            hop_tokens=self.hop_tokens,
+            frame_head=self.head,
         )
 
     def engine(self, on_done: Callable[[Job, str | None], None], log: Callable[[str], None] = lambda m: None) -> Engine:

@@ -46,13 +46,30 @@ class Settings:
     frame_layers: tuple[int, ...]
     compute_dtype: str
     frames_dtype: str
+    head: str | None = None  # sha256 of the head's tensors when the outputs are its scores
+    hop_tokens: int | None = None  # overlapping windows of the frames (``embed_frames(hop_s=...)``)
+    backend: str | None = None  # ``ATSTModel.backend`` when it is not torch (ONNX Runtime's outputs differ by rounding)
 
     @property
     def key(self) -> str:
-        """16 hex digits of the sha256 of the settings (without the model's name) and ``FORMAT_VERSION``."""
-        content = {k: v for k, v in self.__dict__.items() if k != "model"}
+        """16 hex digits of the sha256 of the settings (without the model's name) and ``FORMAT_VERSION``;
+        the optional settings count only when set, so runs without them keep their keys."""
+        content = {k: v for k, v in self.__dict__.items() if k != "model" and not (k in _OPTIONAL and v is None)}
         content["format"] = FORMAT_VERSION
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_OPTIONAL = ("head", "hop_tokens", "backend")
+
+
+def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(state_dict.items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def weights_sha256(model: ATSTModel) -> tuple[str, str]:
@@ -64,12 +81,7 @@ def weights_sha256(model: ATSTModel) -> tuple[str, str]:
     """
     if model.weights_sha256 is not None:
         return model.weights_sha256, "weights file"
-    h = hashlib.sha256()
-    for key, tensor in sorted(model.encoder.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest(), "state dict tensors"
+    return tensors_sha256(model.encoder.state_dict()), "state dict tensors"
 
 
 def metadata(settings: Settings, hashed: str, source: str | None, input: str, stream_seconds: float) -> dict:
@@ -89,10 +101,15 @@ def metadata(settings: Settings, hashed: str, source: str | None, input: str, st
         "frame_layers": list(settings.frame_layers),
         "compute_dtype": settings.compute_dtype,
         "frames_dtype": settings.frames_dtype,
+        **{k: getattr(settings, k) for k in _OPTIONAL if getattr(settings, k) is not None},
         "arrays": {
             "clip": "float32 (C,): the official clip embedding of clip_layers",
             "frames": f"{settings.frames_dtype} (T', len(frame_layers) * embed_dim), one row per 40 ms token",
             "timestamps": "float64 (T',) seconds, start of each token",
+        } if settings.head is None else {
+            "scores": "float32 (T', classes): the frame-level head's scores of the last block, one row per 40 ms token",
+            "timestamps": "float64 (T',) seconds, start of each token",
+            "labels": "str (classes,): the class names in score order (empty when unknown)",
         },
         "input": input,
         "stream_seconds": stream_seconds,  # longer files were decoded in blocks (same result)
@@ -254,6 +271,8 @@ class BatchSummary:
         wall_seconds: duration of the run.
         out_dir, index_path: where the outputs and this run's index are.
         aborted: why the run stopped early (disk full, interrupted, worker crash), else None.
+        rows: this run's index rows by relative path (every input of the run: ok, skipped, failed).
+        inputs: each input's path by relative path.
     """
 
     ok: int = 0
@@ -266,6 +285,8 @@ class BatchSummary:
     out_dir: Path | None = None
     index_path: Path | None = None
     aborted: str | None = None
+    rows: dict[str, dict] = field(default_factory=dict, repr=False)
+    inputs: dict[str, Path] = field(default_factory=dict, repr=False)
 
     @property
     def exit_status(self) -> int:

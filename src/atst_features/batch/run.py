@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 
 from .. import weights
@@ -43,6 +44,7 @@ from .index import (
     open_no_follow_text,
     output_matches,
     read_index,
+    tensors_sha256,
     up_to_date,
     weights_sha256,
 )
@@ -70,6 +72,7 @@ def embed_folder(
     stream_seconds: float = 600.0,
     window_chunks: int = 30,
     compile: bool = False,
+    hop_s: float | None = None,
 ) -> BatchSummary:
     """Embed every audio file of a folder, file or list into ``out`` (see ``atst_features.batch``).
 
@@ -88,7 +91,7 @@ def embed_folder(
         frames_dtype: storage dtype of frames: "float16" (default) or "float32". Clip vectors are float32.
         batch_size: chunks (of up to 10.01 s) per encoder pass; default 64 on CUDA, 16 otherwise.
             Halved for the rest of the run when CUDA runs out of memory.
-        workers: decoding processes; 0 decodes in this process; default min(8, CPUs - 1).
+        workers: decoding processes; 0 decodes in this process; default min(8, CPUs - 1), 0 with <= 2 CPUs.
         shard: ``"i/N"``: embed only the files whose relative path hashes to shard i of N (0-based).
         force: recompute outputs that are up to date.
         progress: show a tqdm progress bar (stderr) in seconds of audio (from the files' headers).
@@ -96,6 +99,11 @@ def embed_folder(
         window_chunks: 1001-frame chunks per window of a streamed file.
         compile: run the encoder through ``torch.compile`` (``ATSTModel.compile``); pays off on
             long GPU runs.
+        hop_s: frames from overlapping 10 s windows every ``hop_s`` seconds
+            (``ATSTModel.embed_frames(hop_s=...)``); ``None``: the official chunks.
+
+    ``what="scores"`` stores the frame-level head's scores of the last block instead of embeddings
+    (``scores`` (T', classes) float32, ``timestamps``, ``labels``): what ``atst-features detect`` runs.
 
     Returns:
         a ``BatchSummary``; ``summary.exit_status`` is non-zero when a file failed.
@@ -130,7 +138,7 @@ def embed_folder(
             batch_size = 64 if model.device.type == "cuda" else 16
         embedder = Embedder(
             model, what=what, clip_layers=clip_layers, frame_layers=frame_layers, frames_dtype=frames_dtype,
-            batch_size=batch_size,
+            batch_size=batch_size, hop_s=hop_s,
         )
         settings, meta = _metadata(embedder, " ".join(os.fspath(s) for s in sources), stream_seconds)
         lock.agree(settings.key, lambda: _write_metadata(out, meta))
@@ -161,7 +169,8 @@ def _resume(
     """Skip what is up to date, embed the rest, and rewrite this run's index from what is on disk."""
     previous = read_index(out)
     summary = BatchSummary(ignored=ignored, out_dir=out, index_path=out / index_name(shard))
-    rows: dict[str, dict] = {}
+    summary.inputs = {f.rel: f.path for f in files}
+    rows: dict[str, dict] = summary.rows
     work: list[InputFile] = []
     for f in files:
         row = previous.get(f.rel)
@@ -211,6 +220,9 @@ def _metadata(embedder: Embedder, input: str, stream_seconds: float) -> tuple[Se
         model=str(model.name), weights_sha256=sha, config=model.config.to_dict(), what=embedder.what,
         clip_layers=tuple(embedder.clip_layers), frame_layers=tuple(embedder.frame_layers),
         compute_dtype=dtype_name(model.dtype), frames_dtype=dtype_name(embedder.frames_dtype),
+        head=None if embedder.head is None else tensors_sha256(embedder.head.state_dict()),
+        hop_tokens=embedder.hop_tokens,
+        backend=None if model.backend == "torch" else model.backend,
     )
     return settings, json.dumps(metadata(settings, hashed, model.source, input, stream_seconds), indent=2) + "\n"
 
@@ -227,7 +239,9 @@ def _write_metadata(out: Path, meta: str) -> None:
 
 
 def _default_workers() -> int:
-    return min(8, max(0, (os.cpu_count() or 1) - 1))
+    """min(8, CPUs - 1); none with <= 2 CPUs, where a decoding process slows the encoder down."""
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(8, cpus - 1)
 
 
 class _Recorder:
@@ -298,10 +312,13 @@ def _starter(engine: Engine, out: Path, work: list[InputFile], done: OnDone) -> 
     frames_dtype = numpy_dtype(engine.request.frames_dtype)
     folders: set[str] = set()  # output folders made or checked (links are refused)
 
+    head = engine.request.frame_head
+    name, extras = ("frames", None) if head is None else ("scores", {"labels": np.array(head.labels or [], dtype=str)})
+
     def open_sink(piece: Piece) -> NpzSink:
         rel = work[piece.idx].output
         path = output_dir(out, rel, folders) / Path(rel).name
-        return NpzSink(path, piece.info.n_tokens, engine.frames_dim, frames_dtype)
+        return NpzSink(path, piece.info.n_tokens, engine.frames_dim, frames_dtype, name, extras)
 
     def start(piece: Piece) -> None:
         engine.start(piece, lambda: open_sink(piece))
@@ -355,7 +372,7 @@ def _run(
         total=sum(seconds.values()), unit="s", disable=not progress, dynamic_ncols=True,
         smoothing=0.05, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]",
     )
-    done = _Recorder(work, key, summary, rows, log, bar, want_frames="frames" in embedder.what, seconds=seconds)
+    done = _Recorder(work, key, summary, rows, log, bar, want_frames=embedder.request.frame_layers is not None, seconds=seconds)
     engine = embedder.engine(done, log=bar.write)
     plan = engine.plan
     dataset = DecodeDataset([(i, f.path) for i, f in enumerate(work)], plan, stream_seconds, window_chunks * plan.spec_w)

@@ -29,13 +29,24 @@ class NpzSink:
         n_tokens: rows of ``frames`` (T'); with ``frames_dim=None`` no frames are written.
         frames_dim: width of ``frames`` (L * D), or ``None``.
         dtype: the frames' numpy dtype.
+        frames_name: the member the rows go to ("frames", or "scores" for a head's scores).
+        extras: further arrays written on ``finish`` (e.g. ``labels``), by member name.
 
     Raises:
         OSError: the temporary file cannot be created.
     """
 
-    def __init__(self, path: Path, n_tokens: int | None, frames_dim: int | None, dtype: np.dtype):
+    def __init__(
+        self,
+        path: Path,
+        n_tokens: int | None,
+        frames_dim: int | None,
+        dtype: np.dtype,
+        frames_name: str = "frames",
+        extras: dict[str, np.ndarray] | None = None,
+    ):
         self.path = path
+        self.extras = dict(extras or {})
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = AtomicFile(path, "wb")
         self.digest: tuple[int, str] | None = None
@@ -43,7 +54,7 @@ class NpzSink:
         try:
             self.zip = zipfile.ZipFile(self.file.file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
             if frames_dim is not None:
-                self.member = self.zip.open("frames.npy", "w", force_zip64=True)
+                self.member = self.zip.open(f"{frames_name}.npy", "w", force_zip64=True)
                 descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
                 header = {"descr": descr, "fortran_order": False, "shape": (n_tokens, frames_dim)}
                 np.lib.format.write_array_header_1_0(self.member, header)
@@ -65,7 +76,7 @@ class NpzSink:
         if self.member is not None:
             self.member.close()
             self.member = None
-        for name, array in (("clip", clip), ("timestamps", timestamps)):
+        for name, array in (("clip", clip), ("timestamps", timestamps), *self.extras.items()):
             if array is not None:
                 with self.zip.open(f"{name}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, array, allow_pickle=False)

@@ -103,7 +103,8 @@ def _add_supervised(p: argparse.ArgumentParser) -> None:
         "--loss",
         choices=LOSSES,
         default=S,
-        help="bce (default for multi-label data or with mixup, as the reference) or ce (single-label only)",
+        help="bce or ce (single-label only); default as the reference: bce for multi-label data and for "
+        "single-label finetune with mixup, ce for single-label c2f",
     )
     g.add_argument("--label-sep", default=S, help="separator of the labels column (default ';')")
 

@@ -18,7 +18,8 @@ Fine-tuning and C2F (``SUPERVISED_RECIPES``, one row per command, encoder family
 recipe; from the official fine-tuning and distillation shell scripts, see ``docs/train.md``):
 SGD (momentum 0.9, no weight decay), layer-wise lr decay 0.75, gradient clipping 3.0, a cosine
 schedule over whole epochs with a linear warm-up, batch mixup, and binary cross-entropy (the
-official loss whenever mixup is on, single-label included).
+official loss for multi-label data, and for single-label fine-tuning whenever mixup is on;
+single-label C2F uses cross-entropy, see ``default_loss``).
 
 The learning rate is given per 256 samples and scaled by (processes x batch size) / 256. When
 ``--max-steps`` is set and ``--warmup-steps`` is not, the warm-up keeps the recipe's fraction.
@@ -31,7 +32,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from ..frontend import FRAMES_PER_S, SAMPLE_RATE, num_frames
+from ..frontend import FRAMES_PER_S, MIN_SAMPLES, SAMPLE_RATE, num_frames
 from ..model import ATSTConfig
 
 COMMANDS = ("frame", "clip", "finetune", "c2f")
@@ -96,7 +97,7 @@ class SupervisedRecipe:
     optimizer: str = "sgd"  # momentum 0.9, no weight decay
     layer_decay: float = 0.75
     clip_grad: float = 3.0
-    loss: str = "bce"  # binary cross-entropy: the official loss whenever mixup is on
+    loss: str = "bce"  # binary cross-entropy on AudioSet (multi-label); see default_loss for other data
     source: str = ""
 
 
@@ -336,13 +337,21 @@ def _fill_family(cfg: TrainConfig, family: str) -> TrainConfig:
     )
 
 
+def default_loss(command: str, multilabel: bool, mixup_prob: float) -> str:
+    """The reference's classification loss: binary cross-entropy ("bce") for multi-label data; for
+    single-label data, ``finetune`` uses it whenever mixup is on (cross-entropy, "ce", without),
+    ``c2f`` uses cross-entropy (the distillation code for tasks other than AudioSet)."""
+    if multilabel or (command == "finetune" and mixup_prob > 0):
+        return "bce"
+    return "ce"
+
+
 def finalize(cfg: TrainConfig, family: str, batches_per_epoch: int, multilabel: bool | None) -> TrainConfig:
     """The complete config of a run once the encoder family, the data size and the label kind are known.
 
     Supervised recipes count epochs; here they become ``max_steps`` / ``warmup_steps``
     (``round(epochs * batches_per_epoch)``); with ``--max-steps`` the warm-up keeps the recipe's
-    fraction. The loss defaults to binary cross-entropy for multi-label data or when mixup is on
-    (the official rule), cross-entropy otherwise. A complete config comes back unchanged.
+    fraction. The loss is the official rule (``default_loss``). A complete config comes back unchanged.
     """
     if cfg.pretraining:
         return cfg
@@ -358,7 +367,7 @@ def finalize(cfg: TrainConfig, family: str, batches_per_epoch: int, multilabel: 
     elif warmup is None:  # counted in steps: the recipe's warm-up fraction
         r = supervised_recipe(out.command, family, out.recipe)
         warmup = round(max_steps * r.warmup_epochs / r.epochs)
-    loss = out.loss if out.loss is not None else ("bce" if multilabel or out.mixup_prob > 0 else "ce")
+    loss = out.loss if out.loss is not None else default_loss(out.command, bool(multilabel), out.mixup_prob)
     if loss == "ce" and multilabel:
         raise ValueError("--loss ce is for single-label data; multi-label training uses bce")
     out = replace(out, max_steps=max_steps, warmup_steps=warmup, loss=loss)
@@ -366,13 +375,30 @@ def finalize(cfg: TrainConfig, family: str, batches_per_epoch: int, multilabel: 
     return out
 
 
-def crop_problem(seconds: float, encoder: ATSTConfig, what: str = "--crop-seconds") -> str | None:
-    """Why a pretraining crop of ``seconds`` does not fit one forward pass of ``encoder`` (or ``None``)."""
-    tokens = num_frames(round(seconds * SAMPLE_RATE)) // encoder.patch_w
-    if tokens <= encoder.max_tokens:
-        return None
-    longest = encoder.max_tokens * encoder.patch_w / FRAMES_PER_S
-    return f"{what} {seconds} gives {tokens} patches; the encoder takes at most {encoder.max_tokens} (crops of {longest:g} s)"
+def crop_problem(seconds: float, encoder: ATSTConfig, what: str = "--crop-seconds", min_tokens: int = 1) -> str | None:
+    """Why a pretraining crop of ``seconds`` does not fit one forward pass of ``encoder``, or gives
+    fewer than ``min_tokens`` patches (``None`` when it fits). Crops shorter than the front end's
+    minimum are zero-padded to it (``frontend.MIN_SAMPLES``), as the data loader does."""
+    tokens = num_frames(max(round(seconds * SAMPLE_RATE), MIN_SAMPLES)) // encoder.patch_w
+    if tokens > encoder.max_tokens:
+        longest = encoder.max_tokens * encoder.patch_w / FRAMES_PER_S
+        return f"{what} {seconds} gives {tokens} patches; the encoder takes at most {encoder.max_tokens} (crops of {longest:g} s)"
+    if tokens < min_tokens:
+        shortest = (min_tokens * encoder.patch_w - 1) / FRAMES_PER_S
+        return f"{what} {seconds} gives {tokens} patches; at least {min_tokens} are needed (crops of {shortest:g} s or more)"
+    return None
+
+
+def crop_problems(cfg: TrainConfig, encoder: ATSTConfig) -> list[str]:
+    """Why the pretraining crops of ``cfg`` do not suit ``encoder`` (empty when they do, and for
+    fine-tuning, whose crops are chunked). ATST-Frame needs more patches than one mask span."""
+    if not cfg.pretraining:
+        return []
+    crops = [("--crop-seconds", cfg.crop_seconds)]
+    if cfg.command == "clip":
+        crops.append(("--positive-seconds", cfg.positive_seconds))
+    least = cfg.mask_span + 1 if cfg.command == "frame" else 1
+    return [m for flag, seconds in crops if (m := crop_problem(seconds, encoder, flag, least))]
 
 
 def _float_problems(cfg: TrainConfig) -> list[str]:
@@ -466,10 +492,8 @@ def check(cfg: TrainConfig) -> None:
         problems.append("c2f needs --teacher (a fine-tuned checkpoint from `finetune`, or its export/ folder)")
     if cfg.command == "c2f" and cfg.init is None:
         problems.append("c2f fine-tunes a pretrained ATST-Frame: pass --init (a frame checkpoint or model directory)")
-    if cfg.pretraining and not problems:
-        geometry = ATSTConfig(family=cfg.family)  # the official patch and table sizes (what --init files have too)
-        crops = [("--crop-seconds", cfg.crop_seconds)] + ([("--positive-seconds", cfg.positive_seconds)] if cfg.command == "clip" else [])
-        problems += [m for flag, s in crops if (m := crop_problem(s, geometry, flag))]
+    if cfg.pretraining and not problems:  # the official patch and table sizes (what --init files have too)
+        problems += crop_problems(cfg, ATSTConfig(family=cfg.family))
     problems += _path_problems(cfg)
     if problems:
         raise ValueError("; ".join(problems))

@@ -1,8 +1,8 @@
 """The four training objectives, each a ``Task`` the trainer drives.
 
 A task owns its modules, turns a batch of waveforms into a loss (log-mel on the training device in
-float32, augmentation, forward passes under autocast), updates its EMA teacher after each
-optimizer step, and says what to export for inference.
+float32, with the encoder's own front end, i.e. its ``db_clamp``; augmentation; forward passes under
+autocast), updates its EMA teacher after each optimizer step, and says what to export for inference.
 
 - ``FramePretraining`` (ATST-Frame): one 10 s crop; view 1 clean, view 2 with mixup and a
   frequency-only random-resize-crop; one block mask per clip shared by both views. The student
@@ -18,10 +18,10 @@ optimizer step, and says what to export for inference.
   fine-tuned teacher (in eval mode) and the labels: lambda * L(student, teacher) + (1 - lambda) *
   L(student, labels).
 
-Classification loss (fine-tuning and C2F), as the official code chooses it: binary cross-entropy
-(against the teacher's sigmoid outputs for the distillation term) for multi-label data and
-whenever mixup is on, single-label included; cross-entropy (against the teacher's softmax) only
-for single-label data without mixup (``--loss`` overrides, see ``config.finalize``).
+Classification loss, as the official code chooses it (``--loss`` overrides, see ``config.finalize``):
+binary cross-entropy (against the teacher's sigmoid outputs for the distillation term) for
+multi-label data; for single-label data, fine-tuning uses it too whenever mixup is on, C2F
+uses cross-entropy (against the teacher's softmax).
 
 BYOL heads: projector D -> 4096 -> 256 on student and teacher, predictor 256 -> 4096 -> 256 on
 the student; each term is 2 - 2 cos(prediction, teacher projection). The teacher is a copy of
@@ -162,6 +162,7 @@ class Task:
         self.device = device
         self.rng = rng
         self.trainable: nn.Module  # set by subclasses; the optimizer trains its parameters
+        self.encoder_cfg: ATSTConfig  # set by subclasses: the trained encoder (and its front end)
         self.forward_trainable: Callable | None = None  # the DDP wrapper, set by the trainer
 
     # -- to be provided
@@ -201,9 +202,17 @@ class Task:
     def run_trainable(self, *args, **kwargs):
         return (self.forward_trainable or self.trainable)(*args, **kwargs)
 
-    def log_mel(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N) waveforms -> (B, 64, T) float32 log-mel on the training device, (B,) frames (CPU)."""
-        return frontend.log_mel(wav.to(self.device, non_blocking=True), lengths)
+    def log_mel(
+        self, wav: torch.Tensor, lengths: torch.Tensor, encoder_cfg: ATSTConfig | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) waveforms -> (B, 64, T) float32 log-mel on the training device, (B,) frames (CPU).
+
+        The front end is the one of the encoder (``encoder_cfg``, default the trained encoder's):
+        its ``db_clamp`` (ATST-SED / PretrainedSED checkpoints: [-50, 80] dB) is applied, so an
+        encoder is trained on the mels it is used with at inference.
+        """
+        db_clamp = (encoder_cfg or self.encoder_cfg).db_clamp
+        return frontend.log_mel(wav.to(self.device, non_blocking=True), lengths, db_clamp=db_clamp)
 
     def train_mode(self) -> None:
         for m in self.modules().values():
@@ -426,11 +435,23 @@ class SupervisedTask(Task):
             mel = augment.random_resize_crop(mel, n_frames, self.rng)
         return mel, n_frames, target
 
-    def batch(self, batch: dict):
+    def batch(self, batch: dict, other: ATSTConfig | None = None):
+        """(mel, n_frames, target, other_mel): the augmented log-mel (B, 64, T), (B,) frames, (B, C)
+        targets (or ``None``), and, when ``other`` (an encoder config) has another front end (another
+        ``db_clamp``), that front end's log-mel with the very same augmentation (same random draws);
+        ``None`` when the front ends are the same (then ``mel`` serves both)."""
         wav, lengths = batch["views"][0]
-        mel, n_frames = self.log_mel(wav, lengths)
         target = batch["target"].to(self.device, non_blocking=True) if "target" in batch else None
-        return self.augment(mel, n_frames, target)
+        mel, n_frames = self.log_mel(wav, lengths)
+        if other is None or other.db_clamp == self.encoder_cfg.db_clamp:
+            return (*self.augment(mel, n_frames, target), None)
+        before = copy.deepcopy(self.rng.bit_generator.state)
+        out = self.augment(mel, n_frames, target)
+        after = self.rng.bit_generator.state
+        self.rng.bit_generator.state = before  # replay the same draws on the other front end's mel
+        other_mel = self.augment(*self.log_mel(wav, lengths, other), target)[0]
+        self.rng.bit_generator.state = after
+        return (*out, other_mel)
 
     def export(self) -> Export:
         enc = _cpu_state(self.model.encoder)
@@ -448,7 +469,7 @@ class Finetuning(SupervisedTask):
         return {"student_encoder": self.encoder_cfg.to_dict(), "classes": self.classes, "multilabel": self.multilabel}
 
     def training_step(self, batch: dict):
-        mel, n_frames, target = self.batch(batch)
+        mel, n_frames, target, _ = self.batch(batch)
         with autocast(self.device, self.cfg.precision):
             logits = self.run_trainable(mel, n_frames)
         loss = classification_loss(logits, target, self.bce)
@@ -484,12 +505,13 @@ class C2FDistillation(SupervisedTask):
         }
 
     def training_step(self, batch: dict):
-        mel, n_frames, target = self.batch(batch)
+        # Each network sees the mels of its own front end (the teacher's may clamp the dB differently).
+        mel, n_frames, target, teacher_mel = self.batch(batch, self.teacher.encoder.cfg)
         lam = self.cfg.distill_weight
         with autocast(self.device, self.cfg.precision):
             logits = self.run_trainable(mel, n_frames)
             with torch.no_grad():
-                teacher_logits = self.teacher(mel, n_frames)
+                teacher_logits = self.teacher(mel if teacher_mel is None else teacher_mel, n_frames)
         loss_d = distillation_loss(logits, teacher_logits, self.bce)
         metrics = {"loss_distill": loss_d.detach()}
         if target is None:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..model import ATSTConfig
 from . import checkpoint, data, distributed, scan
-from .config import LR_REFERENCE_BATCH, TrainConfig, crop_problem, finalize
+from .config import LR_REFERENCE_BATCH, TrainConfig, crop_problems, finalize
 from .logs import LOG_NAME, CSVLog, TensorBoardLog
 from .schedules import Schedule
 from .tasks import COLLAPSE_STD, C2FDistillation, ClipPretraining, Finetuning, FramePretraining, Task, build_classifier
@@ -100,18 +100,8 @@ class Trainer:
         files, targets, classes, multilabel = self._data(spec, teacher_meta)
         files, targets = self._scan(files, targets)
         pre, enc_cfg = self._encoder(spec)
-        if cfg.pretraining:
-            crops = [("--crop-seconds", cfg.crop_seconds)] + ([("--positive-seconds", cfg.positive_seconds)] if cfg.command == "clip" else [])
-            problems = [m for flag, s in crops if (m := crop_problem(s, enc_cfg, flag))]
-            if problems:
-                raise ValueError("; ".join(problems))
-        per_epoch = len(files) // self.env.world_size // cfg.batch_size
-        if per_epoch < 1:
-            raise ValueError(
-                f"{len(files)} usable training files are too few for {self.env.world_size} process(es) x batch size "
-                f"{cfg.batch_size}; pass more data or a smaller --batch-size"
-            )
-        self.cfg = cfg = finalize(cfg, enc_cfg.family, per_epoch, multilabel)
+        self._check_crops(enc_cfg)
+        self.cfg = cfg = finalize(cfg, enc_cfg.family, self._batches_per_epoch(len(files)), multilabel)
 
         # -- build
         teacher = None
@@ -218,6 +208,22 @@ class Trainer:
             return pre, replace(pre.config, drop_path_rate=cfg.drop_path)
         return None, _encoder_config(cfg, cfg.family or "clip")
 
+    def _check_crops(self, enc_cfg: ATSTConfig) -> None:
+        """Pretraining crops must fit one forward pass of the encoder (checked again for ``--init``'s geometry)."""
+        problems = crop_problems(self.cfg, enc_cfg)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _batches_per_epoch(self, n_files: int) -> int:
+        """Full batches each process gets per epoch (``DistributedSampler`` drops the tail)."""
+        per_epoch = n_files // self.env.world_size // self.cfg.batch_size
+        if per_epoch < 1:
+            raise ValueError(
+                f"{n_files} usable training files are too few for {self.env.world_size} process(es) x batch size "
+                f"{self.cfg.batch_size}; pass more data or a smaller --batch-size"
+            )
+        return per_epoch
+
     def _build_task(self, enc_cfg, pre, classes, multilabel, teacher, teacher_meta) -> Task:
         cfg = self.cfg
         sync_bn = self.env.distributed and self.device.type == "cuda"
@@ -275,6 +281,8 @@ class Trainer:
             f"ATST-{enc.family.capitalize()} {enc.embed_dim}-d x {enc.depth} blocks "
             f"({_millions(self.task.trainable):.2f} M trainable parameters, {start})"
         )
+        if enc.db_clamp is not None:
+            what += f", front end with dB clamp [{enc.db_clamp[0]:g}, {enc.db_clamp[1]:g}]"
         batches = f"{per_epoch} batch{'es' if per_epoch != 1 else ''}"
         steps = f"{cfg.max_steps} steps ({cfg.max_steps / per_epoch:.3g} epochs of {batches}), warm-up {cfg.warmup_steps}"
         batch = f"global batch {self.global_batch} ({self.env.world_size} process(es) x {cfg.batch_size})"
