@@ -215,6 +215,18 @@ def cosines(got: torch.Tensor, ref: torch.Tensor, dim: int) -> tuple[float, floa
     return cos.min().item(), cos.mean().item(), (got - ref).abs().max().item()
 
 
+def random_base_encoder(threads: int | None) -> tuple[ATSTConfig, dict[str, torch.Tensor]]:
+    """ATST-Frame base's config and a random state dict (seed 0), after setting ``threads`` (if
+    given) and printing the machine summary: the common start of this folder's CPU benchmarks."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = ATSTConfig(family="frame", embed_dim=768, depth=12, num_heads=12)
+    sd = ATSTEncoder(cfg).state_dict()
+    print(cpu_summary())
+    return cfg, sd
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16], help="chunks per encoder pass (a table each)")
@@ -224,12 +236,7 @@ def main() -> None:
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     ap.add_argument("--eager", action="store_true", help="also time the op-by-op eager re-statement")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = ATSTConfig(family="frame", embed_dim=768, depth=12, num_heads=12)
-    sd = ATSTEncoder(cfg).state_dict()
-    print(cpu_summary())
+    cfg, sd = random_base_encoder(args.threads)
     ceilings = {torch.float32: gemm_ceiling(torch.float32), torch.bfloat16: gemm_ceiling(torch.bfloat16)}
     print(f"GEMM ceiling (1000x768x3072): fp32 {ceilings[torch.float32]:.0f} GFLOP/s, "
           f"bf16 {ceilings[torch.bfloat16]:.0f} GFLOP/s")

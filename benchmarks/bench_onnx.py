@@ -18,14 +18,12 @@ import statistics
 import tempfile
 import time
 
-import torch
 
 import atst_features as af
 from atst_features.artifacts import save_converted
-from atst_features.model import ATSTConfig, ATSTEncoder
 from atst_features.onnx_export import GRAPH_DIR
 
-from bench_cpu import cpu_summary  # this folder's CPU benchmark: the same machine summary
+from bench_cpu import random_base_encoder  # this folder's CPU benchmark: the same start
 
 BACKENDS = ("onnxruntime", "onnxruntime-int8")
 
@@ -35,12 +33,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = ATSTConfig(family="frame", embed_dim=768, depth=12, num_heads=12)
-    sd = ATSTEncoder(cfg).state_dict()
-    print(cpu_summary())
+    cfg, sd = random_base_encoder(args.threads)
     times: dict[str, tuple[list[float], list[float], int]] = {b: ([], [], 0) for b in BACKENDS}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:

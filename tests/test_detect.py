@@ -294,3 +294,15 @@ def test_detect_refuses_a_model_without_a_frame_head(tiny_dirs, tmp_path, capsys
     sf.write(wav, _clip(2.0).numpy(), SR)
     assert cli.main(["detect", str(wav), "--model", str(tiny_dirs["frame"]), "--no-progress"]) == 2
     assert "frame-level head" in capsys.readouterr().err
+
+
+def test_plots_are_never_written_through_a_link(forced_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    audio = _folder(tmp_path)
+    plots, elsewhere = tmp_path / "plots", tmp_path / "elsewhere"
+    plots.mkdir()
+    elsewhere.mkdir()
+    (plots / "sub").symlink_to(elsewhere)
+    argv = ["detect", str(audio), "--model", str(forced_dir), "--plot", str(plots), "--no-progress", "--workers", "0"]
+    assert cli.main(argv) == 2
+    assert "symbolic link" in capsys.readouterr().err and list(elsewhere.iterdir()) == []

@@ -239,7 +239,7 @@ def _detect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .batch import OutputFolderError, printable
-    from .detect import detect_files, events_table, plot_detections, write_events
+    from .detect import detect_files, events_table, plot_run, write_events
     from .embed import resolve_device
     from .errors import LoadError
 
@@ -272,8 +272,7 @@ def _detect(args: argparse.Namespace) -> int:
         print(events_table([{**r, "file": printable(r["file"])} for r in rows]))
     if args.plot:
         try:
-            for rel, events in run.events.items():
-                plot_detections(run.inputs[rel], events, Path(args.plot) / f"{rel}.png", title=rel)
+            plot_run(run, args.plot)
         except (ImportError, OSError, ValueError) as e:
             print(f"atst-features detect: plots: {printable(str(e))}", file=sys.stderr)
             return 2

@@ -30,6 +30,7 @@ from .atomic import open_atomic, write_text_atomic
 from .audio import PathLike, load_audio, prepare_waveform
 from .batch import BatchSummary, embed_folder
 from .batch.embedder import SCORES
+from .batch.folder import output_dir
 from .batch.index import STATUS_FAILED
 from .embed import ATSTModel
 from .sed import DEFAULT_DETECT_MODEL, Detection, PerClass, detect_events, detection_settings
@@ -56,18 +57,6 @@ class DetectRun:
     def rows(self) -> list[dict]:
         """One dict per event (``EVENT_FIELDS``), sorted by file, then onset."""
         return [{"file": rel, **asdict(d)} for rel in sorted(self.events) for d in self.events[rel]]
-
-
-def frame_head_classes(model: ATSTModel) -> list[str]:
-    """The class names of a model's frame-level head (indices as text when unknown), or a ValueError."""
-    head = model.head
-    if head is None or head.level != "frame":
-        kind = "no classification head" if head is None else "a clip-level head (use tag() for clip tags)"
-        raise ValueError(
-            f"detecting events needs a model with a frame-level head; {model.name!r} has {kind}. "
-            f"The default detection model is {DEFAULT_DETECT_MODEL!r}"
-        )
-    return list(head.labels) if head.labels else [str(c) for c in range(head.num_classes)]
 
 
 def detect_files(
@@ -103,7 +92,7 @@ def detect_files(
     """
     if not isinstance(model, ATSTModel):
         model = weights.load(model, device=device, dtype="float32" if dtype is None else dtype)
-    classes = frame_head_classes(model)
+    classes = model.frame_head().class_names
     detection_settings(classes, threshold, median_filter)
     summary = embed_folder(
         input, scores_dir, model=model, what=SCORES, frames_dtype="float32", batch_size=batch_size,
@@ -166,7 +155,8 @@ def events_table(rows: list[dict], max_label: int = 40) -> str:
 def plot_detections(audio_path: PathLike, detections: list[Detection], png: PathLike, title: str | None = None) -> Path:
     """One PNG: the file's log-mel spectrogram above its events as labelled bars (one row per class).
 
-    Needs matplotlib (``pip install 'atst-features[plot]'``). Written atomically.
+    Needs matplotlib (``pip install 'atst-features[plot]'``). Written atomically; the folder of
+    ``png`` must exist (``plot_run`` makes them without following links).
     """
     try:
         import matplotlib
@@ -199,7 +189,19 @@ def plot_detections(audio_path: PathLike, detections: list[Detection], png: Path
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
     with open_atomic(png, "wb") as f:
         f.write(buf.getvalue())
     return png
+
+
+def plot_run(run: DetectRun, folder: PathLike) -> list[Path]:
+    """``plot_detections`` for every file of a run with events: ``folder/<relative path>.png``,
+    the folders made as a folder run makes its outputs' (a link on the way is refused)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    made: set[str] = set()
+    written = []
+    for rel, events in run.events.items():
+        png = f"{rel}.png"
+        written.append(plot_detections(run.inputs[rel], events, output_dir(folder, png, made) / Path(png).name, title=rel))
+    return written

@@ -17,11 +17,12 @@ import torch
 from . import frontend
 from .audio import check_dense, load_audio, loud_peak, prepare_waveform, warn_loud
 from .chunks import Request, encode_chunks, run_waveforms
+from .cpu import choose_gemm
 from .dtypes import resolve_dtype
 from .heads import ClassificationHead
 from .model import ATSTConfig, ATSTEncoder, Intermediates
 from .pooling import token_seconds
-from .sed import Detection, PerClass, detect_events, detection_settings
+from .sed import DEFAULT_DETECT_MODEL, Detection, PerClass, detect_events, detection_settings
 
 DEFAULT_MODEL = "atst-frame-base"
 
@@ -277,12 +278,17 @@ class ATSTModel:
         return self.encoder.pos_embed.dtype
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ATSTModel":
-        """Move the encoder (and head) to ``device`` and/or cast it to ``dtype`` (see ``COMPUTE_DTYPES``); returns self."""
+        """Move the encoder (and head) to ``device`` and/or cast it to ``dtype`` (see ``COMPUTE_DTYPES``); returns self.
+
+        The CPU GEMM path is (re)chosen for the resulting device and dtype (``cpu.choose_gemm``,
+        measured once per process and shape), and ``choices["gemm"]`` says which.
+        """
         device = None if device is None else resolve_device(device)
         dtype = None if dtype is None else resolve_dtype(dtype)
         self.encoder.to(device=device, dtype=dtype)
         if self.head is not None:
             self.head.to(device=device)
+        self.choices["gemm"] = choose_gemm(self.encoder)
         return self
 
     def __repr__(self) -> str:
@@ -440,13 +446,7 @@ class ATSTModel:
         Raises:
             ValueError: no frame-level head, or a threshold / median filter out of range.
         """
-        head = self._head("detect")
-        if head.level != "frame":
-            raise ValueError(
-                f"model {self.name!r} has a clip-level head: it scores whole clips, not events in time; use tag() "
-                "for clip tags, or a model with a frame-level head (for example 'atst-frame-base-strong')"
-            )
-        classes = head.labels or [str(c) for c in range(head.num_classes)]
+        classes = self.frame_head("detect()").class_names
         detection_settings(classes, threshold, median_filter)  # checked before any audio is read
 
         def events(t: torch.Tensor, scores: torch.Tensor) -> list[Detection]:
@@ -466,6 +466,22 @@ class ATSTModel:
                 "one (for example 'atst-frame-base-strong' for sound events, 'atst-frame-base-weak' for AudioSet tags)"
             )
         return self.head
+
+    def frame_head(self, what: str = "detecting events") -> ClassificationHead:
+        """The frame-level head (one score vector per 40 ms token) that ``what`` needs.
+
+        Raises:
+            ValueError: the model has no head, or a clip-level one (saying what to use instead).
+        """
+        if self.head is not None and self.head.level == "frame":
+            return self.head
+        kind = "no classification head" if self.head is None else (
+            "a clip-level head: it scores whole clips, not events in time (tag() gives its clip tags)"
+        )
+        raise ValueError(
+            f"{what} needs a model with a frame-level head, but model {self.name!r} has {kind}; "
+            f"for example {DEFAULT_DETECT_MODEL!r}"
+        )
 
     # ---------------------------------------------------------------- internals
 

@@ -61,6 +61,11 @@ class ClassificationHead(nn.Module):
     def num_classes(self) -> int:
         return self.linear.out_features
 
+    @property
+    def class_names(self) -> list[str]:
+        """``labels``, or the class indices as text ("0", "1", ...) when the names are unknown."""
+        return list(self.labels) if self.labels else [str(c) for c in range(self.num_classes)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_dim) float -> logits (..., num_classes)."""
         if self.norm is not None:

@@ -85,7 +85,7 @@ from .cache import (  # the cache, its pins and checks
     cache_dir,
     pin_status,
 )
-from .cpu import auto_dtype, choose_gemm
+from .cpu import auto_dtype
 from .dtypes import resolve_dtype
 from .embed import ATSTModel, resolve_device
 from .errors import (
@@ -205,8 +205,7 @@ def build(
     _check_head_width(cfg, head)
     encoder = _encoder(cfg, state_dict, owned=False)
     model = ATSTModel(encoder, name=name, head=head, source=source, weights_sha256=weights_sha256)
-    model.choices["gemm"] = choose_gemm(encoder)
-    return model
+    return model.to()  # on the CPU in float32; to() chooses the GEMM path
 
 
 def _from_dir(d: artifacts.ModelDir, name: str, source: str | None = None) -> ATSTModel:
@@ -629,7 +628,6 @@ def load(
     if why is not None:
         model.choices["dtype"] = why
     if backend == "torch":
-        model.choices["gemm"] = choose_gemm(model.encoder)
         return model
     return onnx_export.attach_backend(model, backend)
 

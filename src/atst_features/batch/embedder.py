@@ -69,10 +69,7 @@ class Embedder:
         self.hop_tokens = None if hop_s is None else model._hop_tokens(hop_s)
         self.head = None
         if SCORES in self.what:
-            if model.head is None or model.head.level != "frame":
-                kind = "no classification head" if model.head is None else "a clip-level head"
-                raise ValueError(f"what='scores' needs a model with a frame-level head; {model.name!r} has {kind}")
-            self.head, self.frame_layers = model.head, [model.config.depth - 1]
+            self.head, self.frame_layers = model.frame_head("what='scores'"), [model.config.depth - 1]
         if self.hop_tokens is not None and "clip" in self.what:
             raise ValueError("hop_s gives frame embeddings (or scores) only; leave 'clip' out of what")
 
